@@ -1,0 +1,220 @@
+"""`LocalSGDCallback`: the glue between `transformers.Trainer` and the round engine.
+
+The Trainer keeps running its usual loop; this callback
+- switches DDP's gradient all-reduce and buffer broadcast off after the warm-up, so inner steps communicate
+  nothing (the only collective is the engine's outer all-reduce once per round);
+- counts inner steps and runs the outer step every `sync_every` steps, plus a final partial round;
+- puts the *global* model into the model whenever the Trainer evaluates or saves (between syncs, the
+  global model as of the last sync; for schedule-free, its averaged iterate x), and this replica's own
+  weights back before the next inner step;
+- writes, next to every checkpoint, one file per rank with what `Trainer` does not save per rank: the
+  replica's weights, its inner-optimizer state, and the engine's state (global copy, outer optimizer,
+  position in the round). Resuming from any checkpoint, mid-round included, continues exactly.
+
+A callback is never handed the DDP wrapper, so in a multi-process run it must be attached to its trainer:
+`LocalSGDCallback.attach(trainer, config)` (what `LocalSGDTrainer` does). Added through `callbacks=[...]`
+alone, it stops at the start of training with an error that says so rather than silently let DDP average
+gradients under the outer optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .config import LocalSGDArguments
+from .engine import RoundEngine
+
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "local_sgd_rank{rank}.pt"
+MODEL_TAG = "hf_localsgd"
+
+
+def state_file(checkpoint_dir: str, rank: int) -> str:
+    return os.path.join(checkpoint_dir, STATE_FILE.format(rank=rank))
+
+
+class LocalSGDCallback(TrainerCallback):
+    """Runs Local SGD / DiLoCo / schedule-free outer steps inside any `Trainer`.
+
+    Args:
+        config: the local-SGD options; `None` reads them from the trainer's `args`, which must then be a
+            `LocalSGDArguments` (e.g. `LocalSGDConfig`).
+        process_group: the group whose replicas are averaged (`None`: all ranks).
+    """
+
+    def __init__(self, config: LocalSGDArguments | None = None, process_group: dist.ProcessGroup | None = None):
+        self.config = config
+        self.process_group = process_group
+        self.engine: RoundEngine | None = None
+        self.trainer = None
+        self.resume_from_checkpoint: str | None = None
+        self._ddp: DistributedDataParallel | None = None
+        self._local_weights: torch.Tensor | None = None  # this replica's weights while the global model is in
+        self._state_written_at: int | None = None
+
+    @classmethod
+    def attach(cls, trainer, config: LocalSGDArguments | None = None, process_group=None) -> "LocalSGDCallback":
+        """Create the callback, bind it to `trainer` (so it can reach the DDP wrapper) and add it."""
+        callback = cls(config, process_group)
+        callback.trainer = trainer
+        trainer.add_callback(callback)
+        return callback
+
+    # ------------------------------------------------------------------ setup
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        config = self.config if self.config is not None else args
+        if not isinstance(config, LocalSGDArguments):
+            raise TypeError(
+                "LocalSGDCallback needs the local-SGD options: pass LocalSGDCallback(LocalSGDArguments(...)) "
+                f"or train with a LocalSGDConfig; got args of type {type(args).__name__}"
+            )
+        self._check_supported(args)
+        self._ddp = self._find_ddp(model)
+
+        total_rounds = max(1, math.ceil((state.max_steps - config.local_sgd_warmup_steps) / config.sync_every))
+        self.engine = RoundEngine(
+            model, total_rounds=total_rounds, process_group=self.process_group, **config.engine_kwargs()
+        )
+        if state.global_step > 0:
+            self._resume(args, state, model, optimizer)
+        self._set_gradient_sync()
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags([MODEL_TAG])
+        logger.info(
+            "Local SGD: %d replicas, outer optimizer %s (lr %s), H=%d, %d warm-up steps, %d rounds",
+            self.engine.world_size, config.outer_optimizer, self.engine.outer_lr, config.sync_every,
+            config.local_sgd_warmup_steps, total_rounds,
+        )
+
+    def _check_supported(self, args) -> None:
+        accelerator = getattr(self.trainer, "accelerator", None)
+        distributed_type = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
+        if distributed_type in ("DEEPSPEED", "FSDP", "XLA", "MEGATRON_LM"):
+            raise RuntimeError(
+                f"Local SGD does not support distributed_type={distributed_type} (set in your accelerate config): "
+                "it needs one full model replica per rank under plain DDP (MULTI_GPU / MULTI_CPU)."
+            )
+        if getattr(args, "n_gpu", 1) > 1:
+            raise RuntimeError(
+                f"Local SGD does not support torch.nn.DataParallel over {args.n_gpu} GPUs in one process: "
+                "launch one process per GPU with `accelerate launch`."
+            )
+
+    def _find_ddp(self, model) -> DistributedDataParallel | None:
+        world_size = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
+        if world_size == 1:
+            return None
+        if self.trainer is None:
+            raise RuntimeError(
+                "LocalSGDCallback cannot switch off DDP's gradient all-reduce from a `callbacks=[...]` list: "
+                "Trainer never hands callbacks its DDP wrapper. Use LocalSGDTrainer, or attach the callback "
+                "to your trainer instead: `LocalSGDCallback.attach(trainer, local_sgd_args)`."
+            )
+        wrapped = self.trainer.model_wrapped
+        if isinstance(wrapped, DistributedDataParallel):
+            # Buffers stay local: DDP would otherwise broadcast them on every forward pass.
+            wrapped.broadcast_buffers = False
+            return wrapped
+        if wrapped is model:
+            return None
+        raise RuntimeError(f"Local SGD supports DDP or an unwrapped model, not {type(wrapped).__name__}")
+
+    def _set_gradient_sync(self) -> None:
+        """DDP all-reduces gradients only during the warm-up. Trainer's `no_sync` for accumulation
+        micro-batches restores whatever is set here, so one flag covers every micro-batch."""
+        if self._ddp is not None:
+            self._ddp.require_backward_grad_sync = self.engine.syncs_gradients
+
+    # ------------------------------------------------------------------ the round
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._restore_local_weights()
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.engine.step()
+        if state.global_step >= state.max_steps or control.should_training_stop:
+            self.engine.sync()  # training ends with the global model: synchronize the partial round
+        self._set_gradient_sync()
+        self._before_trainer_io(args, state, control, optimizer)
+
+    def on_epoch_end(self, args, state, control, optimizer=None, **kwargs):
+        self._before_trainer_io(args, state, control, optimizer)
+
+    def on_save(self, args, state, control, optimizer=None, **kwargs):
+        # save_strategy="best" decides to save only after evaluating: write the per-rank state now.
+        if self._state_written_at != state.global_step:
+            self._write_state(args, state, optimizer)
+        self._restore_local_weights()
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._restore_local_weights()
+        if args.load_best_model_at_end and state.best_model_checkpoint is not None:
+            logger.info("Local SGD: keeping the best checkpoint's global model loaded by Trainer")
+        else:
+            self.engine.sync()
+            # What is saved, evaluated and pushed after training is the global model (schedule-free: x).
+            self.engine.load_params(self.engine.global_model_params())
+        if self._ddp is not None:
+            self._ddp.require_backward_grad_sync = True
+
+    # ------------------------------------------------------------------ evaluation and checkpoints
+    def _before_trainer_io(self, args, state, control, optimizer) -> None:
+        """Runs right before Trainer evaluates and/or saves (both come after on_step_end / on_epoch_end)."""
+        if control.should_save and self._state_written_at != state.global_step:
+            self._write_state(args, state, optimizer)
+        if (control.should_save or control.should_evaluate) and self._local_weights is None:
+            if not self.engine.model_is_global:
+                self._local_weights = self.engine.local_params()
+                self.engine.load_params(self.engine.global_model_params())
+
+    def _restore_local_weights(self) -> None:
+        if self._local_weights is not None:
+            self.engine.load_params(self._local_weights)
+            self._local_weights = None
+
+    def _write_state(self, args, state, optimizer) -> None:
+        local = self._local_weights if self._local_weights is not None else self.engine.local_params()
+        checkpoint_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.save(
+            {
+                "engine": self.engine.state_dict(),
+                "local_params": local,
+                "inner_optimizer": optimizer.state_dict() if optimizer is not None else None,
+            },
+            state_file(checkpoint_dir, rank),
+        )
+        self._state_written_at = state.global_step
+
+    def _resume(self, args, state, model, optimizer) -> None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        candidates = [
+            self.resume_from_checkpoint,
+            args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None,
+            os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"),
+        ]
+        path = next((state_file(c, rank) for c in candidates if c and os.path.isfile(state_file(c, rank))), None)
+        if path is None:
+            logger.warning(
+                "Local SGD: resuming at step %d without a %s file for rank %d; starting new rounds from the "
+                "loaded model (inner-optimizer state is rank 0's, outer-optimizer state is reset).",
+                state.global_step, STATE_FILE.format(rank=rank), rank,
+            )
+            self.engine.num_steps = state.global_step
+            return
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        self.engine.load_state_dict(saved["engine"])
+        self.engine.load_params(saved["local_params"])
+        if optimizer is not None and saved["inner_optimizer"] is not None:
+            optimizer.load_state_dict(saved["inner_optimizer"])
+        logger.info("Local SGD: resumed rank %d from %s", rank, path)

@@ -1,0 +1,174 @@
+"""Configuration: the local-SGD options as a mixin dataclass, and `LocalSGDConfig` for `LocalSGDTrainer`.
+
+`LocalSGDArguments` holds only the local-SGD fields, so the same options can sit next to any other trainer's
+config. For TRL's `SFTTrainer`, for example:
+
+    @dataclass
+    class SFTLocalSGDConfig(LocalSGDArguments, SFTConfig):
+        pass
+
+Every field's help text and choices live in its metadata (what `HfArgumentParser` shows), and `__post_init__`
+validates them before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .engine import COMM_DTYPES
+from .outer import OUTER_DEFAULTS, OUTER_LR_SCHEDULERS, OUTER_OPTIMIZERS
+
+
+@dataclass
+class LocalSGDArguments:
+    """The options of low-communication training; see `LocalSGDConfig` for the Trainer version."""
+
+    sync_every: int = field(
+        default=16,
+        metadata={"help": "H: inner optimizer steps per round, between two outer synchronizations."},
+    )
+    outer_optimizer: str = field(
+        default="nesterov",
+        metadata={
+            "help": "Outer optimizer applied to the averaged outer gradient: 'average' (Local SGD / FedAvg), "
+            "'nesterov' (DiLoCo) or 'schedule_free' (schedule-free SGD; evaluation and saving use its "
+            "averaged iterate).",
+            "choices": list(OUTER_OPTIMIZERS),
+        },
+    )
+    outer_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Outer learning rate. Default per outer optimizer: average 1.0 (required), nesterov 0.7, "
+            "schedule_free 2.0."
+        },
+    )
+    outer_momentum: float | None = field(
+        default=None,
+        metadata={
+            "help": "Outer momentum. Default per outer optimizer: average 0.0 (required), nesterov 0.9, "
+            "schedule_free 0.2 (its b1, in (0, 1))."
+        },
+    )
+    outer_lr_scheduler: str = field(
+        default="constant",
+        metadata={
+            "help": "Schedule of the outer learning rate over the rounds. There is no outer warm-up: seed 000 "
+            "found it always harmful.",
+            "choices": list(OUTER_LR_SCHEDULERS),
+        },
+    )
+    outer_lr_plateau_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "For outer_lr_scheduler='linear_after_plateau': fraction of the rounds at constant outer lr "
+            "before the linear decay to 0 (seed 000 used 0.1 and 0.25)."
+        },
+    )
+    local_sgd_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Ordinary synchronous data-parallel steps (gradients all-reduced) before local rounds begin "
+            "(post-local SGD; PALSGD used 1024 on TinyStories)."
+        },
+    )
+    outer_state_device: str = field(
+        default="model",
+        metadata={
+            "help": "Where the float32 global copy and the outer-optimizer state live: 'model' (the model's "
+            "device; fastest) or 'cpu' (saves accelerator memory, costs host-device copies at each sync).",
+            "choices": ["model", "cpu"],
+        },
+    )
+    outer_comm_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Data type the outer gradients are all-reduced in; 'bfloat16' halves the bytes sent.",
+            "choices": list(COMM_DTYPES),
+        },
+    )
+
+    def __post_init__(self):
+        self._validate_local_sgd()
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+    def _validate_local_sgd(self) -> None:
+        def fail(name, message):
+            raise ValueError(f"{name}: {message}")
+
+        if not isinstance(self.sync_every, int) or self.sync_every < 1:
+            fail("sync_every", f"must be an integer >= 1, got {self.sync_every!r}")
+        if self.outer_optimizer not in OUTER_OPTIMIZERS:
+            fail("outer_optimizer", f"must be one of {OUTER_OPTIMIZERS}, got {self.outer_optimizer!r}")
+        if self.outer_lr is not None and self.outer_lr < 0:
+            fail("outer_lr", f"must be >= 0, got {self.outer_lr}")
+        if self.outer_momentum is not None and not 0 <= self.outer_momentum < 1:
+            fail("outer_momentum", f"must be in [0, 1), got {self.outer_momentum}")
+        if self.outer_optimizer == "average":
+            for name, value, required in (("outer_lr", self.resolved_outer_lr, 1.0),
+                                          ("outer_momentum", self.resolved_outer_momentum, 0.0)):
+                if value != required:
+                    fail(name, f"outer_optimizer='average' is plain averaging and needs {name}={required}, got "
+                         f"{value}; use outer_optimizer='nesterov' for another outer lr or momentum")
+        if self.outer_optimizer == "schedule_free" and self.resolved_outer_momentum == 0:
+            fail("outer_momentum", "schedule_free needs a momentum (b1) in (0, 1)")
+        if self.outer_lr_scheduler not in OUTER_LR_SCHEDULERS:
+            fail("outer_lr_scheduler", f"must be one of {OUTER_LR_SCHEDULERS}, got {self.outer_lr_scheduler!r}")
+        if not 0 <= self.outer_lr_plateau_fraction < 1:
+            fail("outer_lr_plateau_fraction", f"must be in [0, 1), got {self.outer_lr_plateau_fraction}")
+        if not isinstance(self.local_sgd_warmup_steps, int) or self.local_sgd_warmup_steps < 0:
+            fail("local_sgd_warmup_steps", f"must be an integer >= 0, got {self.local_sgd_warmup_steps!r}")
+        max_steps = getattr(self, "max_steps", -1)
+        if max_steps is not None and max_steps > 0 and self.local_sgd_warmup_steps >= max_steps:
+            fail(
+                "local_sgd_warmup_steps",
+                f"({self.local_sgd_warmup_steps}) must be shorter than max_steps ({max_steps}), "
+                "or no local round would ever run",
+            )
+        if self.outer_state_device not in ("model", "cpu"):
+            fail("outer_state_device", f"must be 'model' or 'cpu', got {self.outer_state_device!r}")
+        if self.outer_comm_dtype not in COMM_DTYPES:
+            fail("outer_comm_dtype", f"must be one of {tuple(COMM_DTYPES)}, got {self.outer_comm_dtype!r}")
+        # Sharded or engine-managed data parallelism synchronizes (or shards) what local SGD keeps local.
+        if getattr(self, "deepspeed", None):
+            fail("deepspeed", "DeepSpeed manages gradient reduction itself; local SGD needs plain DDP (unset it)")
+        if getattr(self, "fsdp", None):
+            fail("fsdp", "FSDP shards parameters over all ranks; local SGD needs a full replica per rank (unset it)")
+        # DDP would broadcast module buffers on every forward pass: a collective local steps must not make.
+        if hasattr(self, "ddp_broadcast_buffers") and self.ddp_broadcast_buffers is None:
+            self.ddp_broadcast_buffers = False
+
+    @property
+    def resolved_outer_lr(self) -> float:
+        return OUTER_DEFAULTS[self.outer_optimizer][0] if self.outer_lr is None else self.outer_lr
+
+    @property
+    def resolved_outer_momentum(self) -> float:
+        return OUTER_DEFAULTS[self.outer_optimizer][1] if self.outer_momentum is None else self.outer_momentum
+
+    def engine_kwargs(self) -> dict:
+        """Keyword arguments of `RoundEngine` taken from these options."""
+        return dict(
+            sync_every=self.sync_every,
+            outer_optimizer=self.outer_optimizer,
+            outer_lr=self.outer_lr,
+            outer_momentum=self.outer_momentum,
+            outer_lr_scheduler=self.outer_lr_scheduler,
+            outer_lr_plateau_fraction=self.outer_lr_plateau_fraction,
+            warmup_steps=self.local_sgd_warmup_steps,
+            state_device=self.outer_state_device,
+            comm_dtype=self.outer_comm_dtype,
+        )
+
+
+@dataclass
+class LocalSGDConfig(LocalSGDArguments, TrainingArguments):
+    """`transformers.TrainingArguments` plus the local-SGD options of `LocalSGDArguments`, for `LocalSGDTrainer`.
+
+    Defaults differ from `TrainingArguments` in one place: `ddp_broadcast_buffers` is `False` unless set,
+    because DDP would otherwise broadcast buffers on every forward pass of every local step.
+    """

@@ -1,0 +1,316 @@
+"""The round engine: H local steps, then one outer step of the global model (SPEC.md "The round").
+
+It knows nothing about ``transformers.Trainer`` or Accelerate: it holds a module's trainable parameters, a
+float32 copy of the global model, the outer optimizer, and a process group. Use it from any training loop:
+
+    engine = RoundEngine(model, sync_every=16, outer_optimizer="nesterov")
+    for batch in loader:
+        with no_grad_sync(model):            # e.g. accelerator.no_sync(model) / ddp_model.no_sync()
+            model(**batch).loss.backward()
+        optimizer.step(); optimizer.zero_grad()
+        engine.step()                        # every 16th call: one all-reduce and one outer step
+    engine.sync()                            # the last, partial round
+
+Communication: one all-reduce of the flattened outer gradient per round, in ``comm_dtype``, over
+``process_group`` (the default group when ``None``). With ``state_device="cpu"`` the global copy and the
+outer-optimizer state live in host memory and the outer gradient crosses the device in buckets of
+``bucket_size_mb``; otherwise everything is a single flat tensor on the model's device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .outer import OUTER_DEFAULTS, OUTER_LR_SCHEDULERS, ScheduleFreeSGD, build_outer_optimizer, build_outer_scheduler
+
+
+logger = logging.getLogger(__name__)
+
+COMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class RoundEngine:
+    """Local SGD / DiLoCo / schedule-free outer optimization over the trainable parameters of ``model``.
+
+    Args:
+        model: the (unwrapped) module, or an iterable of its parameters. Only parameters with
+            ``requires_grad`` take part; buffers stay local (language models' buffers are constants).
+        sync_every: H, the number of inner steps per round.
+        outer_optimizer: ``"average"``, ``"nesterov"`` or ``"schedule_free"``.
+        outer_lr, outer_momentum: ``None`` picks the defaults of ``hf_localsgd.outer.OUTER_DEFAULTS``.
+        outer_lr_scheduler: ``"constant"``, ``"cosine"`` or ``"linear_after_plateau"``; the last two need
+            ``total_rounds``.
+        warmup_steps: calls of ``step()`` during which the caller runs ordinary synchronous data-parallel
+            training (see ``syncs_gradients``); local rounds start from the model reached at their end.
+        state_device: ``"model"`` (default) or ``"cpu"`` for the global copy and outer-optimizer state.
+        comm_dtype: ``"float32"`` or ``"bfloat16"`` (or a ``torch.dtype``) for the outer all-reduce.
+        process_group: the group the replicas average over; ``None`` is the default group (or no
+            communication at all when ``torch.distributed`` is not initialized).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Iterable[nn.Parameter],
+        *,
+        sync_every: int,
+        outer_optimizer: str = "nesterov",
+        outer_lr: float | None = None,
+        outer_momentum: float | None = None,
+        outer_lr_scheduler: str = "constant",
+        outer_lr_plateau_fraction: float = 0.1,
+        total_rounds: int | None = None,
+        warmup_steps: int = 0,
+        state_device: str | torch.device = "model",
+        comm_dtype: str | torch.dtype = "float32",
+        process_group: dist.ProcessGroup | None = None,
+        bucket_size_mb: float = 256,
+    ):
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        if outer_optimizer not in OUTER_DEFAULTS:
+            raise ValueError(f"outer_optimizer must be one of {tuple(OUTER_DEFAULTS)}, got {outer_optimizer!r}")
+        if outer_lr_scheduler not in OUTER_LR_SCHEDULERS:
+            raise ValueError(f"outer_lr_scheduler must be one of {OUTER_LR_SCHEDULERS}, got {outer_lr_scheduler!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if isinstance(comm_dtype, str):
+            if comm_dtype not in COMM_DTYPES:
+                raise ValueError(f"comm_dtype must be one of {tuple(COMM_DTYPES)}, got {comm_dtype!r}")
+            comm_dtype = COMM_DTYPES[comm_dtype]
+        if bucket_size_mb <= 0:
+            raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb}")
+
+        params = model.parameters() if isinstance(model, nn.Module) else model
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("The model has no trainable parameters")
+        devices = {p.device for p in self.params}
+        if len(devices) != 1:
+            raise ValueError(f"All trainable parameters must live on one device, found {sorted(map(str, devices))}")
+        self.device = devices.pop()
+        self.state_device = self.device if state_device == "model" else torch.device(state_device)
+
+        self.sync_every = sync_every
+        self.outer_optimizer_name = outer_optimizer
+        self.warmup_steps = warmup_steps
+        self.comm_dtype = comm_dtype
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group) if dist.is_initialized() else 1
+
+        # Position in training: calls of step(), inner steps since the last sync, and syncs done.
+        self.num_steps = 0
+        self.inner_step = 0
+        self.num_syncs = 0
+
+        self._numels = [p.numel() for p in self.params]
+        self.numel = sum(self._numels)
+        # Buckets: contiguous runs of parameters of about bucket_size_mb, one collective each. When the
+        # state is offloaded, a bucket is also the most outer gradient that exists on the device at once.
+        self._buckets = self._make_buckets(bucket_size_mb * 2**20 / 4)
+
+        # The global model x (y for schedule-free), float32 and flat: the outer optimizer sees one tensor.
+        self.global_params = torch.empty(self.numel, dtype=torch.float32, device=self.state_device)
+        self.outer_optimizer = build_outer_optimizer(outer_optimizer, [self.global_params], outer_lr, outer_momentum)
+        self.outer_scheduler = build_outer_scheduler(
+            self.outer_optimizer, outer_lr_scheduler, total_rounds, outer_lr_plateau_fraction
+        )
+        self._copy_from_model(self.global_params)
+        if self.world_size > 1:
+            self._broadcast_global()
+        else:
+            logger.info(
+                "RoundEngine: world size 1, the outer step applies %s to the single replica's update and "
+                "nothing is communicated.",
+                outer_optimizer,
+            )
+
+    # ------------------------------------------------------------------ the round
+    @property
+    def in_warmup(self) -> bool:
+        return self.num_steps < self.warmup_steps
+
+    @property
+    def syncs_gradients(self) -> bool:
+        """Whether the *next* inner step must all-reduce its gradients (warm-up), i.e. run as plain DDP."""
+        return self.in_warmup
+
+    @property
+    def outer_lr(self) -> float:
+        return self.outer_optimizer.param_groups[0]["lr"]
+
+    def step(self) -> bool:
+        """Count one inner optimizer step; run the outer step when the round is complete. Returns whether
+        a synchronization happened."""
+        self.num_steps += 1
+        if self.num_steps <= self.warmup_steps:
+            if self.num_steps == self.warmup_steps:
+                # Local rounds start from the warmed-up model, which DDP kept identical on every rank.
+                self._copy_from_model(self.global_params)
+            return False
+        self.inner_step += 1
+        if self.inner_step >= self.sync_every:
+            self.sync()
+            return True
+        return False
+
+    @torch.no_grad()
+    def sync(self) -> bool:
+        """Run the outer step now (also for a final, partial round). A no-op right after a sync and during
+        warm-up. Returns whether a synchronization happened."""
+        if self.inner_step == 0 or self.in_warmup:
+            return False
+        self.global_params.grad = self._outer_gradient()
+        self.outer_optimizer.step()
+        self.outer_scheduler.step()
+        self.global_params.grad = None
+        self._copy_to_model(self.global_params)
+        self.inner_step = 0
+        self.num_syncs += 1
+        return True
+
+    def _outer_gradient(self) -> torch.Tensor:
+        """Δ = mean_k (x_r - x_k) as one flat float32 tensor on the state device (one collective per bucket)."""
+        delta = torch.empty_like(self.global_params)
+        on_model_device = self.state_device == self.device
+        for start, end, params in self._buckets:
+            buf = delta[start:end] if on_model_device else torch.empty(end - start, device=self.device)
+            torch._foreach_copy_(self._views(buf, start, end), [p.detach() for p in params])
+            torch.sub(self.global_params[start:end].to(self.device, non_blocking=True), buf, out=buf)
+            self._all_reduce_mean(buf)
+            if not on_model_device:
+                delta[start:end].copy_(buf)
+        return delta
+
+    @torch.no_grad()
+    def _broadcast_global(self) -> None:
+        """Make the global copy and the model start identical on every rank (once, at creation), so that
+        a loop without DDP's initial broadcast cannot drift silently."""
+        src = 0 if self.process_group is None else dist.get_global_rank(self.process_group, 0)
+        for start, end, _ in self._buckets:
+            buf = self.global_params[start:end].to(self.device)
+            dist.broadcast(buf, src=src, group=self.process_group)
+            self.global_params[start:end].copy_(buf)
+        self._copy_to_model(self.global_params)
+
+    def _all_reduce_mean(self, buf: torch.Tensor) -> None:
+        if self.world_size == 1:
+            return
+        # gloo has no AVG: divide first (keeps bfloat16 sums in range), then SUM.
+        buf.div_(self.world_size)
+        if self.comm_dtype == buf.dtype:
+            dist.all_reduce(buf, group=self.process_group)
+        else:
+            wire = buf.to(self.comm_dtype)
+            dist.all_reduce(wire, group=self.process_group)
+            buf.copy_(wire)
+
+    # ------------------------------------------------------------------ model <-> flat copies
+    def _make_buckets(self, bucket_numel: float):
+        buckets, start, members, size = [], 0, [], 0
+        for p, n in zip(self.params, self._numels):
+            if members and size + n > bucket_numel:
+                buckets.append((start, start + size, members))
+                start, members, size = start + size, [], 0
+            members.append(p)
+            size += n
+        buckets.append((start, start + size, members))
+        return buckets
+
+    def _views(self, flat: torch.Tensor, start: int, end: int) -> list[torch.Tensor]:
+        """Views of ``flat`` (which covers [start, end) of the flat layout) shaped like the parameters there."""
+        out, offset = [], 0
+        for p in self.params:
+            n = p.numel()
+            if offset + n > start and offset < end:
+                out.append(flat[offset - start : offset - start + n].view_as(p))
+            offset += n
+        return out
+
+    @torch.no_grad()
+    def _copy_from_model(self, flat: torch.Tensor) -> None:
+        for start, end, params in self._buckets:
+            torch._foreach_copy_(self._views(flat[start:end], start, end), [p.detach() for p in params])
+
+    @torch.no_grad()
+    def _copy_to_model(self, flat: torch.Tensor) -> None:
+        for start, end, params in self._buckets:
+            src = flat[start:end].to(self.device, non_blocking=True)
+            torch._foreach_copy_([p.data for p in params], self._views(src, start, end))
+
+    # ------------------------------------------------------------------ the global model, for eval and saving
+    @property
+    def model_is_global(self) -> bool:
+        """Whether the model's weights are exactly the global model to evaluate/save (no swap needed)."""
+        if self.in_warmup or (self.num_syncs == 0 and self.inner_step == 0):
+            return True
+        return self.inner_step == 0 and not isinstance(self.outer_optimizer, ScheduleFreeSGD)
+
+    @torch.no_grad()
+    def global_model_params(self) -> torch.Tensor:
+        """The global model to evaluate and save, flat: x_r, or the averaged x for schedule-free."""
+        if isinstance(self.outer_optimizer, ScheduleFreeSGD):
+            return self.outer_optimizer.averaged(self.global_params)
+        return self.global_params
+
+    @torch.no_grad()
+    def local_params(self) -> torch.Tensor:
+        """A flat float32 copy of this replica's current weights (on the state device)."""
+        flat = torch.empty_like(self.global_params)
+        self._copy_from_model(flat)
+        return flat
+
+    @torch.no_grad()
+    def load_params(self, flat: torch.Tensor) -> None:
+        """Write a flat tensor (from ``local_params`` or ``global_model_params``) into the model."""
+        self._copy_to_model(flat)
+
+    @contextlib.contextmanager
+    def global_model(self):
+        """Temporarily put the global model (x for schedule-free) into the model, e.g. to evaluate it
+        between syncs; this replica's weights are restored on exit."""
+        if self.model_is_global:
+            yield
+            return
+        local = self.local_params()
+        self.load_params(self.global_model_params())
+        try:
+            yield
+        finally:
+            self.load_params(local)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return {
+            "outer_optimizer_name": self.outer_optimizer_name,
+            "sync_every": self.sync_every,
+            "world_size": self.world_size,
+            "num_steps": self.num_steps,
+            "inner_step": self.inner_step,
+            "num_syncs": self.num_syncs,
+            "global_params": self.global_params,
+            "outer_optimizer": self.outer_optimizer.state_dict(),
+            "outer_scheduler": self.outer_scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["outer_optimizer_name"] != self.outer_optimizer_name:
+            raise ValueError(
+                f"Checkpoint was trained with outer_optimizer={state['outer_optimizer_name']!r}, "
+                f"this run uses {self.outer_optimizer_name!r}"
+            )
+        if state["global_params"].numel() != self.numel:
+            raise ValueError(
+                f"Checkpoint holds {state['global_params'].numel()} global parameters, the model has {self.numel}"
+            )
+        self.num_steps = state["num_steps"]
+        self.inner_step = state["inner_step"]
+        self.num_syncs = state["num_syncs"]
+        self.global_params.copy_(state["global_params"])
+        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        self.outer_scheduler.load_state_dict(state["outer_scheduler"])

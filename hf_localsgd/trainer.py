@@ -1,0 +1,54 @@
+"""`LocalSGDTrainer`: `transformers.Trainer` with Local SGD / DiLoCo / schedule-free outer optimization.
+
+A thin subclass: the work is done by `LocalSGDCallback`, attached at construction. The only overrides are
+`train` (to tell the callback which checkpoint it resumes from) and `create_model_card` (to record the method).
+
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml my_script.py   # any Trainer script:
+    # args = LocalSGDConfig(output_dir="out", sync_every=16, outer_optimizer="nesterov", ...)
+    # trainer = LocalSGDTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from .callback import MODEL_TAG, LocalSGDCallback
+from .card import method_card_section
+from .config import LocalSGDArguments, LocalSGDConfig
+
+
+class LocalSGDTrainer(Trainer):
+    """Drop-in replacement for `transformers.Trainer`; `args` must be a `LocalSGDConfig` (or any
+    `TrainingArguments` subclass that mixes in `LocalSGDArguments`)."""
+
+    def __init__(self, model=None, args: LocalSGDConfig | None = None, *posargs, **kwargs):
+        if args is None:
+            args = LocalSGDConfig(output_dir="trainer_output")
+        if not isinstance(args, LocalSGDArguments):
+            raise TypeError(
+                f"LocalSGDTrainer needs a LocalSGDConfig (or a config that mixes in LocalSGDArguments), got "
+                f"{type(args).__name__}"
+            )
+        super().__init__(model, args, *posargs, **kwargs)
+        self.local_sgd = LocalSGDCallback.attach(self)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *posargs, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self.local_sgd.resume_from_checkpoint = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint, *posargs, **kwargs)
+
+    def create_model_card(self, *posargs, tags=None, **kwargs):
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        if MODEL_TAG not in tags:
+            tags.append(MODEL_TAG)
+        super().create_model_card(*posargs, tags=tags, **kwargs)
+        if not self.is_world_process_zero():
+            return
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as card:
+            card.write(method_card_section(self.args, world_size))
