@@ -1,0 +1,47 @@
+"""Shared helpers: launching tests/dist_worker.py on 2 CPU processes, and the environment tests run in."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_2PROC = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+# Tests never reach the Hub; one thread per rank so two ranks share 2 cores without oversubscription.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def launch_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def accelerate_launch(script_args: list[str], timeout: float = 240, **env) -> subprocess.CompletedProcess:
+    """`accelerate launch` 2 CPU processes (gloo); fails the test with the output on error or hang."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC), *script_args]
+    try:
+        proc = subprocess.run(cmd, env=launch_env(**env), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:  # distributed bugs hang: report instead of blocking the suite
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{(e.stderr or b'')[-4000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n"
+                    f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_worker(scenario: str, out_dir: Path, *options: str, timeout: float = 240, **env) -> list[dict]:
+    """Run one scenario of tests/dist_worker.py on 2 processes; returns the per-rank JSON results."""
+    accelerate_launch([str(WORKER), scenario, str(out_dir), *options], timeout=timeout, **env)
+    return [json.loads((out_dir / f"result_rank{rank}.json").read_text()) for rank in (0, 1)]

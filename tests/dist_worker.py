@@ -1,0 +1,256 @@
+"""Worker for the multi-process tests: run under `accelerate launch`, writes one JSON result per rank.
+
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml tests/dist_worker.py SCENARIO OUT_DIR
+
+Scenarios:
+- `rounds`: LocalSGDTrainer with a warm-up; counts DDP gradient all-reduces (through a DDP comm hook) and
+  the engine's collectives, hashes every rank's weights after every step, checks each outer step against a
+  Nesterov reference computed here from all ranks' weights, and keeps a rank-specific buffer to show that
+  forward passes broadcast nothing.
+- `ddp_equivalence`: H = 1, outer `average`, inner plain SGD vs ordinary DDP `Trainer`, same data and seed.
+- `resume`: an uninterrupted run vs the same run resumed from a mid-round checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from datasets import Dataset
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from transformers import GPTNeoConfig, GPTNeoForCausalLM, Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from hf_localsgd import LocalSGDConfig, LocalSGDTrainer
+
+
+VOCAB, SEQ = 64, 16
+
+
+def tiny_model(dropout: float = 0.0) -> GPTNeoForCausalLM:
+    set_seed(0)
+    config = GPTNeoConfig(
+        vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=SEQ,
+        attention_types=[[["global", "local"], 1]], window_size=8,
+        embed_dropout=dropout, attention_dropout=dropout, resid_dropout=dropout,
+    )
+    return GPTNeoForCausalLM(config)
+
+
+def dataset(n: int = 256) -> Dataset:
+    # Learnable sequences: each row counts up from a random start, modulo the vocabulary.
+    g = torch.Generator().manual_seed(1)
+    starts = torch.randint(0, VOCAB, (n, 1), generator=g)
+    ids = ((starts + torch.arange(SEQ)) % VOCAB).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def flat_params(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def common_args(out_dir: str, **overrides) -> dict:
+    args = dict(
+        output_dir=out_dir, per_device_train_batch_size=4, learning_rate=3e-3, lr_scheduler_type="constant",
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0,
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    args.update(overrides)
+    return args
+
+
+class NesterovReference(TrainerCallback):
+    """Before each outer step, gathers every replica's weights and predicts the next global model with a
+    float64 Nesterov-SGD written from the equations (DiLoCo); after the step, records the largest error."""
+
+    def __init__(self, trainer, lr: float, momentum: float):
+        self.trainer, self.lr, self.momentum = trainer, lr, momentum
+        self.global_, self.buf, self.expected, self.errors = None, None, None, []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if args.local_sgd_warmup_steps == 0:
+            self._start(model)
+
+    def _start(self, model) -> None:
+        self.global_ = flat_params(model).double()
+        self.buf = torch.zeros_like(self.global_)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        engine = self.trainer.local_sgd.engine
+        step = engine.num_steps + 1  # the step LocalSGDCallback is about to count
+        if step <= engine.warmup_steps:
+            if step == engine.warmup_steps:  # local rounds start from the warmed-up model
+                self._start(model)
+            return
+        if engine.inner_step + 1 < engine.sync_every:
+            return
+        local = flat_params(model).double()
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        delta = torch.stack([self.global_ - x for x in gathered]).mean(0)
+        self.buf = self.momentum * self.buf + delta
+        self.global_ = self.global_ - self.lr * (delta + self.momentum * self.buf)
+        self.expected = self.global_
+
+    def check(self, engine) -> None:
+        if self.expected is not None:
+            self.errors.append((engine.global_params.double() - self.expected).abs().max().item())
+            self.expected = None
+
+
+class Recorder(TrainerCallback):
+    """Runs after LocalSGDCallback: what every rank holds after each step."""
+
+    def __init__(self, trainer, reference: NesterovReference | None = None):
+        self.trainer, self.reference = trainer, reference
+        self.hashes, self.model_equals_global, self.grad_allreduces = [], [], []
+        self.ddp_hook_calls = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        def counting_allreduce(process_group, bucket):
+            self.ddp_hook_calls += 1
+            return default_hooks.allreduce_hook(process_group, bucket)
+
+        self.trainer.model_wrapped.register_comm_hook(None, counting_allreduce)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        engine = self.trainer.local_sgd.engine
+        self.hashes.append(digest(flat_params(model)))
+        self.model_equals_global.append(bool(torch.equal(engine.local_params(), engine.global_params)))
+        self.grad_allreduces.append(self.ddp_hook_calls)
+        if self.reference is not None:
+            self.reference.check(engine)
+
+
+def count_engine_collectives() -> dict:
+    """Counts the torch.distributed collectives that hf_localsgd itself issues."""
+    counts = {"all_reduce": 0, "broadcast": 0}
+    for name in counts:
+        original = getattr(dist, name)
+
+        def wrapper(*args, _original=original, _name=name, **kwargs):
+            if sys._getframe(1).f_globals["__name__"].startswith("hf_localsgd"):
+                counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, wrapper)
+    return counts
+
+
+def scenario_rounds(out_dir: str) -> dict:
+    rank = dist.get_rank()
+    model = tiny_model()
+    # A buffer that differs per rank: DDP's buffer broadcast on forward would overwrite rank 1's with rank 0's.
+    model.register_buffer("rank_marker", torch.full((4,), float(rank)), persistent=False)
+    args = LocalSGDConfig(
+        **common_args(out_dir, max_steps=14, gradient_accumulation_steps=2),
+        sync_every=4, outer_optimizer="nesterov", outer_lr=0.7, outer_momentum=0.9, local_sgd_warmup_steps=2,
+    )
+    trainer = LocalSGDTrainer(model=model, args=args, train_dataset=dataset())
+    reference = NesterovReference(trainer, lr=0.7, momentum=0.9)
+    # The reference must see the weights before LocalSGDCallback's outer step: put it in front of it.
+    trainer.callback_handler.callbacks.insert(trainer.callback_handler.callbacks.index(trainer.local_sgd), reference)
+    recorder = Recorder(trainer, reference)
+    trainer.add_callback(recorder)
+    counts = count_engine_collectives()
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return {
+        "hashes": recorder.hashes,
+        "model_equals_global": recorder.model_equals_global,
+        "grad_allreduces": recorder.grad_allreduces,
+        "engine_all_reduce": counts["all_reduce"],
+        "engine_broadcast": counts["broadcast"],
+        "num_syncs": trainer.local_sgd.engine.num_syncs,
+        "reference_errors": reference.errors,
+        "rank_marker": model.rank_marker.tolist(),
+        "first_losses": losses[:3],
+        "last_losses": losses[-3:],
+        "final_hash": digest(flat_params(model)),
+    }
+
+
+def scenario_ddp_equivalence(out_dir: str) -> dict:
+    common = common_args(out_dir, max_steps=8, optim="sgd", learning_rate=0.05, max_grad_norm=0.0, weight_decay=0.0)
+    local = LocalSGDTrainer(
+        model=tiny_model(), train_dataset=dataset(),
+        args=LocalSGDConfig(**common, sync_every=1, outer_optimizer="average"),
+    )
+    local.train()
+    ddp = Trainer(model=tiny_model(), train_dataset=dataset(), args=TrainingArguments(**common))
+    ddp.train()
+    a, b = flat_params(local.model), flat_params(ddp.model)
+    return {
+        "max_abs_diff": (a - b).abs().max().item(),
+        "max_abs_change": (b - flat_params(tiny_model())).abs().max().item(),
+        "hash_local": digest(a),
+        "hash_ddp": digest(b),
+    }
+
+
+def scenario_resume(out_dir: str, outer_optimizer: str = "schedule_free") -> dict:
+    def run(resume_from=None, output="full"):
+        args = LocalSGDConfig(
+            **common_args(os.path.join(out_dir, output), max_steps=12, save_strategy="steps", save_steps=5,
+                          save_total_limit=2, max_grad_norm=1.0),
+            sync_every=4, outer_optimizer=outer_optimizer,
+        )
+        trainer = LocalSGDTrainer(model=tiny_model(dropout=0.1), args=args, train_dataset=dataset())
+        trainer.train(resume_from_checkpoint=resume_from)
+        engine = trainer.local_sgd.engine
+        return digest(flat_params(trainer.model)), digest(engine.global_params), engine.num_syncs
+
+    full = run()
+    checkpoint = os.path.join(out_dir, "full", "checkpoint-10")  # step 10 of H = 4: mid-round
+    resumed = run(resume_from=checkpoint, output="resumed")
+    return {
+        "full": full,
+        "resumed": resumed,
+        "checkpoints": sorted(os.listdir(os.path.join(out_dir, "full"))),
+        "checkpoint_files": sorted(os.listdir(checkpoint)),
+    }
+
+
+def scenario_push(out_dir: str) -> dict:
+    """Schedule-free (so the pushed x differs from the y training continues from), H = 4 over 6 steps (so the
+    last round is partial), pushed to the Hub stand-in named by HF_ENDPOINT."""
+    from safetensors.torch import save_file
+
+    args = LocalSGDConfig(
+        **common_args(out_dir, max_steps=6, push_to_hub=True, hub_model_id="user/tiny-localsgd"),
+        sync_every=4, outer_optimizer="schedule_free",
+    )
+    trainer = LocalSGDTrainer(model=tiny_model(), args=args, train_dataset=dataset())
+    trainer.train()
+    trainer.push_to_hub()
+    engine = trainer.local_sgd.engine
+    names = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    x = engine.global_model_params()
+    expected = dict(zip(names, (v.clone() for v in engine._views(x, 0, engine.numel))))
+    y = dict(zip(names, (v.clone() for v in engine._views(engine.global_params, 0, engine.numel))))
+    if dist.get_rank() == 0:
+        save_file(expected, os.path.join(out_dir, "expected_global.safetensors"))
+        save_file(y, os.path.join(out_dir, "train_point_y.safetensors"))
+    return {"num_syncs": engine.num_syncs, "inner_step": engine.inner_step}
+
+
+def main() -> None:
+    scenario, out_dir, *options = sys.argv[1:]
+    PartialState()  # joins the process group accelerate launch set up (gloo on CPU)
+    os.makedirs(out_dir, exist_ok=True)
+    result = globals()[f"scenario_{scenario}"](out_dir, *options)
+    result["world_size"] = dist.get_world_size()
+    with open(os.path.join(out_dir, f"result_rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Two real processes (gloo on CPU) under `accelerate launch`, each test with a timeout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load, load_file
+
+from conftest import run_worker
+from hub_stub import HubStub
+
+
+def test_rounds_communicate_only_at_syncs(tmp_path):
+    """H = 4 after 2 warm-up steps, 14 steps, 2 micro-batches per step, Nesterov outer optimizer."""
+    r0, r1 = run_worker("rounds", tmp_path)
+    steps = range(1, 15)
+    sync_steps = {6, 10, 14}
+
+    # DDP all-reduced gradients during the 2 warm-up steps (last micro-batch only), never afterwards.
+    assert r0["grad_allreduces"] == [1] + [2] * 13
+    # The engine: one outer all-reduce per round (one bucket), one broadcast at start, nothing else.
+    assert r0["num_syncs"] == 3 and r0["engine_all_reduce"] == 3 and r0["engine_broadcast"] == 1
+
+    for step, h0, h1 in zip(steps, r0["hashes"], r1["hashes"]):
+        if step <= 2 or step in sync_steps:  # DDP warm-up, or right after an outer step
+            assert h0 == h1, f"ranks differ after step {step}"
+        else:
+            assert h0 != h1, f"ranks identical between syncs, at step {step}"
+    for step, equal in zip(steps, r0["model_equals_global"]):
+        assert equal == (step == 2 or step in sync_steps), step
+
+    # Each outer step matches a float64 Nesterov reference computed from all ranks' weights.
+    assert len(r0["reference_errors"]) == 3 and max(r0["reference_errors"]) < 1e-5
+
+    # Forward passes broadcast no buffers: rank 1 keeps its own.
+    assert r0["rank_marker"] == [0.0] * 4 and r1["rank_marker"] == [1.0] * 4
+    assert sum(r0["last_losses"]) < 0.9 * sum(r0["first_losses"])
+
+
+def test_h1_average_equals_ddp(tmp_path):
+    """H = 1, outer `average`, inner plain SGD (no momentum, no clipping) is data-parallel SGD."""
+    r0, _ = run_worker("ddp_equivalence", tmp_path)
+    assert r0["max_abs_change"] > 1e-2  # training moved the weights...
+    assert r0["max_abs_diff"] < 1e-5  # ...identically, to float tolerance
+
+
+def test_resume_mid_round_is_bit_exact(tmp_path):
+    """Schedule-free outer optimizer, dropout on; resumed from step 10 of rounds of 4 steps."""
+    r0, r1 = run_worker("resume", tmp_path, "schedule_free")
+    for r in (r0, r1):
+        assert r["resumed"] == r["full"]
+    assert r0["full"][0] == r1["full"][0]  # training ended synchronized
+    assert r0["checkpoints"] == ["checkpoint-10", "checkpoint-12"]  # save_total_limit=2 rotated checkpoint-5
+    assert {"local_sgd_rank0.pt", "local_sgd_rank1.pt"} <= set(r0["checkpoint_files"])
+
+
+def test_push_to_hub_pushes_global_model(tmp_path):
+    with HubStub() as hub:
+        out = tmp_path / "run"
+        r0, _ = run_worker(
+            "push", out, HF_ENDPOINT=hub.endpoint, HF_TOKEN="hf_test", HF_HUB_OFFLINE="0",
+            HF_HUB_DISABLE_TELEMETRY="1", HF_HOME=str(tmp_path / "hf_home"), NO_PROXY="127.0.0.1,localhost",
+        )
+        files = hub.files("user/tiny-localsgd")
+        assert hub.unhandled == []
+    assert r0["num_syncs"] == 2 and r0["inner_step"] == 0  # the partial last round was synchronized
+
+    pushed = load(files["model.safetensors"])
+    expected = load_file(out / "expected_global.safetensors")
+    train_point = load_file(out / "train_point_y.safetensors")
+    assert set(expected) <= set(pushed)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(pushed[name], tensor, rtol=0, atol=0, msg=name)
+    # Schedule-free's averaged x was pushed, not the y sequence training continues from.
+    assert any(not torch.equal(pushed[n], train_point[n]) for n in expected)
+
+    card = files["README.md"].decode()
+    assert "hf_localsgd" in card.split("---")[1]  # tag in the card's metadata
+    for text in ("schedule_free", "| sync_every (H) | 4 |", "| workers | 2 |", "| outer_lr | 2.0 |"):
+        assert text in card, text
