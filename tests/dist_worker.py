@@ -35,7 +35,7 @@ def tiny_model(dropout: float = 0.0) -> GPTNeoForCausalLM:
     set_seed(0)
     config = GPTNeoConfig(
         vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=SEQ,
-        attention_types=[[["global", "local"], 1]], window_size=8,
+        attention_types=[[["global", "local"], 1]], window_size=8, bos_token_id=0, eos_token_id=0,
         embed_dropout=dropout, attention_dropout=dropout, resid_dropout=dropout,
     )
     return GPTNeoForCausalLM(config)
@@ -242,9 +242,47 @@ def scenario_push(out_dir: str) -> dict:
     return {"num_syncs": engine.num_syncs, "inner_step": engine.inner_step}
 
 
+def scenario_accelerate_loop(out_dir: str) -> dict:
+    """The README's plain Accelerate loop: no Trainer, the engine alone."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from hf_localsgd import RoundEngine
+
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loader = torch.utils.data.DataLoader(dataset().with_format("torch"), batch_size=4, shuffle=True)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    hook_calls = []
+    model.register_comm_hook(None, lambda pg, bucket: hook_calls.append(1) or default_hooks.allreduce_hook(pg, bucket))
+    counts = count_engine_collectives()
+
+    engine = RoundEngine(accelerator.unwrap_model(model), sync_every=4, outer_optimizer="nesterov")
+    losses = []
+    for step, batch in enumerate(loader):
+        with accelerator.no_sync(model):  # inner steps: no gradient all-reduce
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        engine.step()  # every 4th step: one all-reduce of the outer gradient and an outer step
+        losses.append(loss.item())
+        if step == 9:
+            break
+    engine.sync()  # the last, partial round
+    return {
+        "hash": digest(flat_params(model)),
+        "ddp_hook_calls": len(hook_calls),
+        "engine_all_reduce": counts["all_reduce"],
+        "num_syncs": engine.num_syncs,
+        "losses": losses,
+    }
+
+
 def main() -> None:
     scenario, out_dir, *options = sys.argv[1:]
-    PartialState()  # joins the process group accelerate launch set up (gloo on CPU)
+    PartialState(cpu=True)  # joins the process group accelerate launch set up: gloo, CPU only
     os.makedirs(out_dir, exist_ok=True)
     result = globals()[f"scenario_{scenario}"](out_dir, *options)
     result["world_size"] = dist.get_world_size()

@@ -78,3 +78,11 @@ def test_push_to_hub_pushes_global_model(tmp_path):
     assert "hf_localsgd" in card.split("---")[1]  # tag in the card's metadata
     for text in ("schedule_free", "| sync_every (H) | 4 |", "| workers | 2 |", "| outer_lr | 2.0 |"):
         assert text in card, text
+
+
+def test_engine_in_a_plain_accelerate_loop(tmp_path):
+    """The README example: 10 steps with H = 4, then the final partial round."""
+    r0, r1 = run_worker("accelerate_loop", tmp_path)
+    assert r0["num_syncs"] == 3 and r0["engine_all_reduce"] == 3 and r0["ddp_hook_calls"] == 0
+    assert r0["hash"] == r1["hash"]
+    assert r0["losses"] != r1["losses"]  # each rank trained on its own shard

@@ -1,0 +1,114 @@
+"""One process: LocalSGDTrainer and LocalSGDCallback glue (evaluation of the global model, errors at start)."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import GPTNeoConfig, GPTNeoForCausalLM, Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from hf_localsgd import LocalSGDArguments, LocalSGDCallback, LocalSGDConfig, LocalSGDTrainer
+
+
+def tiny_model():
+    set_seed(0)
+    return GPTNeoForCausalLM(GPTNeoConfig(
+        vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=16,
+        attention_types=[[["global", "local"], 1]], window_size=8, bos_token_id=0, eos_token_id=0,
+    ))
+
+
+def data(n=64):
+    ids = ((torch.randint(0, 64, (n, 1), generator=torch.Generator().manual_seed(0)) + torch.arange(16)) % 64)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def config(tmp_path, **kwargs):
+    base = dict(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                disable_tqdm=True, save_strategy="no", learning_rate=3e-3, sync_every=4,
+                outer_optimizer="schedule_free")
+    base.update(kwargs)
+    return LocalSGDConfig(**base)
+
+
+class EvalProbe(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer, self.seen = trainer, []
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        engine = self.trainer.local_sgd.engine
+        self.seen.append((state.global_step, torch.equal(flat(model), engine.global_model_params())))
+
+
+def test_evaluation_between_syncs_sees_the_global_model_and_does_not_perturb_training(tmp_path):
+    plain = LocalSGDTrainer(model=tiny_model(), args=config(tmp_path / "a"), train_dataset=data())
+    plain.train()
+
+    evaluated = LocalSGDTrainer(
+        model=tiny_model(), args=config(tmp_path / "b", eval_strategy="steps", eval_steps=3),
+        train_dataset=data(), eval_dataset=data(8),
+    )
+    probe = EvalProbe(evaluated)
+    evaluated.add_callback(probe)
+    evaluated.train()
+    # Steps 3, 6, 9 fall between the syncs at 4 and 8, and Trainer evaluates the last step (10, after the
+    # final partial round): each time the global model was evaluated, schedule-free's averaged x.
+    assert probe.seen == [(3, True), (6, True), (9, True), (10, True)]
+    assert torch.equal(flat(plain.model), flat(evaluated.model))
+    # After training the model holds the global model, schedule-free's x.
+    engine = evaluated.local_sgd.engine
+    assert torch.equal(flat(evaluated.model), engine.global_model_params())
+    assert not torch.equal(engine.global_model_params(), engine.global_params)
+
+
+def test_callback_with_another_trainer_and_separate_options(tmp_path, caplog):
+    """Plain `Trainer` + `callbacks=[...]` works in a single process; world size 1 is logged once."""
+    options = LocalSGDArguments(sync_every=3, outer_optimizer="nesterov")
+    trainer = Trainer(
+        model=tiny_model(), train_dataset=data(), callbacks=[LocalSGDCallback(options)],
+        args=TrainingArguments(output_dir=str(tmp_path), max_steps=7, per_device_train_batch_size=4, report_to=[],
+                               use_cpu=True, disable_tqdm=True, save_strategy="no"),
+    )
+    with caplog.at_level(logging.INFO, logger="hf_localsgd"):
+        trainer.train()
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, LocalSGDCallback))
+    assert callback.engine.num_syncs == 3  # steps 3, 6, and the final partial round
+    assert sum("world size 1" in r.getMessage() for r in caplog.records) == 1
+    assert "hf_localsgd" in trainer.model.model_tags
+
+
+def test_trainer_needs_local_sgd_options(tmp_path):
+    with pytest.raises(TypeError, match="LocalSGDConfig"):
+        LocalSGDTrainer(model=tiny_model(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+    trainer = Trainer(
+        model=tiny_model(), train_dataset=data(), callbacks=[LocalSGDCallback()],
+        args=TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True),
+    )
+    with pytest.raises(TypeError, match="LocalSGDArguments"):
+        trainer.train()
+
+
+def test_unattached_callback_refuses_multi_process_runs(monkeypatch):
+    """Callbacks never see the DDP wrapper: rather than let DDP average gradients, stop and say what to do."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    callback = LocalSGDCallback(LocalSGDArguments())
+    state = SimpleNamespace(max_steps=10, global_step=0)
+    with pytest.raises(RuntimeError, match=r"LocalSGDCallback.attach\(trainer"):
+        callback.on_train_begin(SimpleNamespace(n_gpu=1), state, None, model=tiny_model())
+
+
+@pytest.mark.parametrize("distributed_type", ["DEEPSPEED", "FSDP"])
+def test_sharded_setups_stop_at_start(distributed_type):
+    callback = LocalSGDCallback(LocalSGDArguments())
+    callback.trainer = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=f"DistributedType.{distributed_type}"))
+    with pytest.raises(RuntimeError, match=distributed_type):
+        callback.on_train_begin(SimpleNamespace(n_gpu=1), SimpleNamespace(max_steps=10, global_step=0), None,
+                                model=tiny_model())
