@@ -80,6 +80,10 @@ class LocalSGDCallback(TrainerCallback):
             )
         self._check_supported(args)
         self._ddp = self._find_ddp(model)
+        if self._ddp is not None and getattr(args, "average_tokens_across_devices", False):
+            # Trainer would all-gather token counts on every step: communication local steps must not make.
+            logger.warning("Local SGD: setting average_tokens_across_devices=False (an all-gather on every step)")
+            args.average_tokens_across_devices = False
 
         total_rounds = max(1, math.ceil((state.max_steps - config.local_sgd_warmup_steps) / config.sync_every))
         self.engine = RoundEngine(

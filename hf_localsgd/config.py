@@ -169,6 +169,15 @@ class LocalSGDArguments:
 class LocalSGDConfig(LocalSGDArguments, TrainingArguments):
     """`transformers.TrainingArguments` plus the local-SGD options of `LocalSGDArguments`, for `LocalSGDTrainer`.
 
-    Defaults differ from `TrainingArguments` in one place: `ddp_broadcast_buffers` is `False` unless set,
-    because DDP would otherwise broadcast buffers on every forward pass of every local step.
+    Defaults differ from `TrainingArguments` where the Trainer would communicate on every inner step:
+    `ddp_broadcast_buffers` is `False` unless set (DDP would broadcast buffers on every forward pass), and
+    `average_tokens_across_devices` is `False` (it all-gathers token counts on every step).
     """
+
+    average_tokens_across_devices: bool = field(
+        default=False,
+        metadata={
+            "help": "Normalize the loss by the token count of all replicas. Off for local SGD: it costs an "
+            "all-gather on every inner step, and each replica's update is its own until the outer step."
+        },
+    )

@@ -109,9 +109,9 @@ class NesterovReference(TrainerCallback):
 class Recorder(TrainerCallback):
     """Runs after LocalSGDCallback: what every rank holds after each step."""
 
-    def __init__(self, trainer, reference: NesterovReference | None = None):
-        self.trainer, self.reference = trainer, reference
-        self.hashes, self.model_equals_global, self.grad_allreduces = [], [], []
+    def __init__(self, trainer, collectives: dict, reference: NesterovReference | None = None):
+        self.trainer, self.collectives, self.reference = trainer, collectives, reference
+        self.hashes, self.model_equals_global, self.grad_allreduces, self.total_collectives = [], [], [], []
         self.ddp_hook_calls = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -126,18 +126,25 @@ class Recorder(TrainerCallback):
         self.hashes.append(digest(flat_params(model)))
         self.model_equals_global.append(bool(torch.equal(engine.local_params(), engine.global_params)))
         self.grad_allreduces.append(self.ddp_hook_calls)
+        self.total_collectives.append(self.collectives["total"])
         if self.reference is not None:
             self.reference.check(engine)
 
 
-def count_engine_collectives() -> dict:
-    """Counts the torch.distributed collectives that hf_localsgd itself issues."""
-    counts = {"all_reduce": 0, "broadcast": 0}
-    for name in counts:
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter_tensor", "gather", "scatter", "all_to_all_single",
+               "barrier")
+
+
+def count_collectives() -> dict:
+    """Counts torch.distributed collectives: all of them ("total"), and those hf_localsgd issues itself."""
+    counts = {"total": 0, "all_reduce": 0, "broadcast": 0}
+    for name in COLLECTIVES:
         original = getattr(dist, name)
 
         def wrapper(*args, _original=original, _name=name, **kwargs):
-            if sys._getframe(1).f_globals["__name__"].startswith("hf_localsgd"):
+            counts["total"] += 1
+            if _name in counts and sys._getframe(1).f_globals["__name__"].startswith("hf_localsgd"):
                 counts[_name] += 1
             return _original(*args, **kwargs)
 
@@ -151,22 +158,24 @@ def scenario_rounds(out_dir: str) -> dict:
     # A buffer that differs per rank: DDP's buffer broadcast on forward would overwrite rank 1's with rank 0's.
     model.register_buffer("rank_marker", torch.full((4,), float(rank)), persistent=False)
     args = LocalSGDConfig(
-        **common_args(out_dir, max_steps=14, gradient_accumulation_steps=2),
+        # Trainer gathers the loss at each logging step: log every other step, to see the steps in between.
+        **common_args(out_dir, max_steps=14, gradient_accumulation_steps=2, logging_steps=2),
         sync_every=4, outer_optimizer="nesterov", outer_lr=0.7, outer_momentum=0.9, local_sgd_warmup_steps=2,
     )
     trainer = LocalSGDTrainer(model=model, args=args, train_dataset=dataset())
     reference = NesterovReference(trainer, lr=0.7, momentum=0.9)
     # The reference must see the weights before LocalSGDCallback's outer step: put it in front of it.
     trainer.callback_handler.callbacks.insert(trainer.callback_handler.callbacks.index(trainer.local_sgd), reference)
-    recorder = Recorder(trainer, reference)
+    counts = count_collectives()
+    recorder = Recorder(trainer, counts, reference)
     trainer.add_callback(recorder)
-    counts = count_engine_collectives()
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     return {
         "hashes": recorder.hashes,
         "model_equals_global": recorder.model_equals_global,
         "grad_allreduces": recorder.grad_allreduces,
+        "total_collectives": recorder.total_collectives,
         "engine_all_reduce": counts["all_reduce"],
         "engine_broadcast": counts["broadcast"],
         "num_syncs": trainer.local_sgd.engine.num_syncs,
@@ -256,7 +265,7 @@ def scenario_accelerate_loop(out_dir: str) -> dict:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     hook_calls = []
     model.register_comm_hook(None, lambda pg, bucket: hook_calls.append(1) or default_hooks.allreduce_hook(pg, bucket))
-    counts = count_engine_collectives()
+    counts = count_collectives()
 
     engine = RoundEngine(accelerator.unwrap_model(model), sync_every=4, outer_optimizer="nesterov")
     losses = []

@@ -21,6 +21,16 @@ def test_rounds_communicate_only_at_syncs(tmp_path):
     # The engine: one outer all-reduce per round (one bucket), one broadcast at start, nothing else.
     assert r0["num_syncs"] == 3 and r0["engine_all_reduce"] == 3 and r0["engine_broadcast"] == 1
 
+    # totals[s]: collectives up to the end of step s (counted before Trainer logs step s). From there to the
+    # end of step s + 1 nothing is communicated, unless step s logged (Trainer gathers the loss then) or
+    # step s + 1 ends a round: not even a gather of token counts or a buffer broadcast.
+    totals = dict(zip(steps, r0["total_collectives"]))
+    quiet = [s for s in steps if s > 2 and (s - 1) % 2 and s not in sync_steps]
+    assert quiet == [4, 8, 12]
+    for step in quiet:
+        assert totals[step] == totals[step - 1], f"collective during inner step {step}"
+    assert totals[6] > totals[5] and totals[3] > totals[2]  # the counter sees the outer sync and logging
+
     for step, h0, h1 in zip(steps, r0["hashes"], r1["hashes"]):
         if step <= 2 or step in sync_steps:  # DDP warm-up, or right after an outer step
             assert h0 == h1, f"ranks differ after step {step}"
