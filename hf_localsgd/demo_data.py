@@ -28,7 +28,7 @@ EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_VOCAB_SIZE = 1024
 # Different seeds for the two splits, so the held-out stories are not copies of training stories.
 TRAIN_SEED, VALIDATION_SEED = 0, 1
-NUM_TRAIN_STORIES, NUM_VALIDATION_STORIES = 8000, 400
+NUM_TRAIN_STORIES, NUM_VALIDATION_STORIES = 4000, 400
 
 _GIRLS = ["Lily", "Mia", "Sue", "Anna", "Lucy", "Emma", "Zoe", "Ella", "Rosa", "Kim"]
 _BOYS = ["Tom", "Ben", "Max", "Sam", "Jack", "Tim", "Leo", "Finn", "Joe", "Dan"]
@@ -85,7 +85,7 @@ def generate_stories(num_stories: int, seed: int = TRAIN_SEED) -> list[str]:
 
 
 def demo_datasets(num_train: int = NUM_TRAIN_STORIES, num_validation: int = NUM_VALIDATION_STORIES) -> DatasetDict:
-    """The corpus as a `DatasetDict` with a `text` column and `train` / `validation` splits (about 4 MB)."""
+    """The corpus as a `DatasetDict` with a `text` column and `train` / `validation` splits (about 2 MB)."""
     return DatasetDict(
         train=Dataset.from_dict({"text": generate_stories(num_train, TRAIN_SEED)}),
         validation=Dataset.from_dict({"text": generate_stories(num_validation, VALIDATION_SEED)}),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from transformers import AutoModelForCausalLM, GPTNeoConfig, LlamaConfig, PretrainedConfig, PreTrainedModel
 
 
@@ -106,8 +107,6 @@ def build_model(config: PretrainedConfig) -> PreTrainedModel:
 
 def count_parameters(config: PretrainedConfig) -> int:
     """Parameters of the model `config` describes (tied weights counted once), without allocating memory."""
-    import torch
-
     with torch.device("meta"):
         model = build_model(config)
     return sum(p.numel() for p in model.parameters())
