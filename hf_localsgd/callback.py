@@ -87,7 +87,8 @@ class LocalSGDCallback(TrainerCallback):
 
         total_rounds = max(1, math.ceil((state.max_steps - config.local_sgd_warmup_steps) / config.sync_every))
         self.engine = RoundEngine(
-            model, total_rounds=total_rounds, process_group=self.process_group, **config.engine_kwargs()
+            model, total_rounds=total_rounds, process_group=self.process_group,
+            track_metrics=str(args.logging_strategy).rsplit(".", 1)[-1].lower() != "no", **config.engine_kwargs()
         )
         if state.global_step > 0:
             self._resume(args, state, model, optimizer)
@@ -144,9 +145,12 @@ class LocalSGDCallback(TrainerCallback):
         self._restore_local_weights()
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        self.engine.step()
+        synced = self.engine.step()
         if state.global_step >= state.max_steps or control.should_training_stop:
-            self.engine.sync()  # training ends with the global model: synchronize the partial round
+            # Training ends with the global model: synchronize the partial round.
+            synced = self.engine.sync() or synced
+        if synced:
+            self._log_round()
         self._set_gradient_sync()
         self._before_trainer_io(args, state, control, optimizer)
 
@@ -164,11 +168,17 @@ class LocalSGDCallback(TrainerCallback):
         if args.load_best_model_at_end and state.best_model_checkpoint is not None:
             logger.info("Local SGD: keeping the best checkpoint's global model loaded by Trainer")
         else:
-            self.engine.sync()
+            if self.engine.sync():  # a callback stopped training early, mid-round
+                self._log_round()
             # What is saved, evaluated and pushed after training is the global model (schedule-free: x).
             self.engine.load_params(self.engine.global_model_params())
         if self._ddp is not None:
             self._ddp.require_backward_grad_sync = True
+
+    def _log_round(self) -> None:
+        """One log entry per outer sync, through Trainer.log, so every `report_to` integration gets it."""
+        if self.engine.last_metrics and self.trainer is not None:
+            self.trainer.log({f"local_sgd/{key}": value for key, value in self.engine.last_metrics.items()})
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def _before_trainer_io(self, args, state, control, optimizer) -> None:

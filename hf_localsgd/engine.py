@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import time
 from typing import Iterable
 
 import torch
@@ -52,6 +54,9 @@ class RoundEngine:
         comm_dtype: ``"float32"`` or ``"bfloat16"`` (or a ``torch.dtype``) for the outer all-reduce.
         process_group: the group the replicas average over; ``None`` is the default group (or no
             communication at all when ``torch.distributed`` is not initialized).
+        track_metrics: measure each sync (``last_metrics``): outer-gradient norm, replica drift, cosine
+            similarity of the replicas' outer gradients, time and bytes. It adds one float to the outer
+            all-reduce (no extra collective) and two reductions over the flat buffer; off, it costs nothing.
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class RoundEngine:
         comm_dtype: str | torch.dtype = "float32",
         process_group: dist.ProcessGroup | None = None,
         bucket_size_mb: float = 256,
+        track_metrics: bool = False,
     ):
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
@@ -102,6 +108,9 @@ class RoundEngine:
         self.comm_dtype = comm_dtype
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if dist.is_initialized() else 1
+        self.track_metrics = track_metrics
+        self.last_metrics: dict[str, float] = {}
+        self.bytes_sent = 0.0  # by this rank, outer syncs and warm-up gradient all-reduces
 
         # Position in training: calls of step(), inner steps since the last sync, and syncs done.
         self.num_steps = 0
@@ -110,6 +119,8 @@ class RoundEngine:
 
         self._numels = [p.numel() for p in self.params]
         self.numel = sum(self._numels)
+        self._gradient_bytes = sum(p.numel() * p.element_size() for p in self.params)  # one DDP all-reduce
+        self._sync_payload_bytes = (self.numel + int(track_metrics)) * comm_dtype.itemsize  # one outer all-reduce
         # Buckets: contiguous runs of parameters of about bucket_size_mb, one collective each. When the
         # state is offloaded, a bucket is also the most outer gradient that exists on the device at once.
         self._buckets = self._make_buckets(bucket_size_mb * 2**20 / 4)
@@ -149,6 +160,7 @@ class RoundEngine:
         a synchronization happened."""
         self.num_steps += 1
         if self.num_steps <= self.warmup_steps:
+            self.bytes_sent += self._ring_bytes(self._gradient_bytes)  # DDP's gradient all-reduce
             if self.num_steps == self.warmup_steps:
                 # Local rounds start from the warmed-up model, which DDP kept identical on every rank.
                 self._copy_from_model(self.global_params)
@@ -165,27 +177,71 @@ class RoundEngine:
         warm-up. Returns whether a synchronization happened."""
         if self.inner_step == 0 or self.in_warmup:
             return False
-        self.global_params.grad = self._outer_gradient()
+        started, outer_lr = time.perf_counter(), self.outer_lr
+        delta, mean_sq_norm = self._outer_gradient()
+        self.global_params.grad = delta
         self.outer_optimizer.step()
         self.outer_scheduler.step()
         self.global_params.grad = None
         self._copy_to_model(self.global_params)
+        self.bytes_sent += self._ring_bytes(self._sync_payload_bytes)
         self.inner_step = 0
         self.num_syncs += 1
+        if self.track_metrics:
+            self.last_metrics = self._round_metrics(delta, mean_sq_norm, outer_lr, started)
         return True
 
-    def _outer_gradient(self) -> torch.Tensor:
-        """Δ = mean_k (x_r - x_k) as one flat float32 tensor on the state device (one collective per bucket)."""
-        delta = torch.empty_like(self.global_params)
+    def _outer_gradient(self) -> tuple[torch.Tensor, float | None]:
+        """Δ = mean_k (x_r - x_k) as one flat float32 tensor on the state device (one collective per bucket),
+        and, with metrics on, mean_k ‖Δ_k‖²: the last bucket carries ‖Δ_k‖² as one more element, so the same
+        all-reduce averages it."""
+        extra = int(self.track_metrics)
+        delta = torch.empty(self.numel + extra, dtype=torch.float32, device=self.state_device)
         on_model_device = self.state_device == self.device
+        sq_norm = None
         for start, end, params in self._buckets:
-            buf = delta[start:end] if on_model_device else torch.empty(end - start, device=self.device)
-            torch._foreach_copy_(self._views(buf, start, end), [p.detach() for p in params])
-            torch.sub(self.global_params[start:end].to(self.device, non_blocking=True), buf, out=buf)
+            stop = end + (extra if end == self.numel else 0)
+            buf = delta[start:stop] if on_model_device else torch.empty(stop - start, device=self.device)
+            body = buf[: end - start]
+            torch._foreach_copy_(self._views(body, start, end), [p.detach() for p in params])
+            torch.sub(self.global_params[start:end].to(self.device, non_blocking=True), body, out=body)
+            if extra:
+                sq_norm = body.dot(body) if sq_norm is None else sq_norm + body.dot(body)
+                if stop > end:
+                    buf[-1] = sq_norm
             self._all_reduce_mean(buf)
             if not on_model_device:
-                delta[start:end].copy_(buf)
-        return delta
+                delta[start:stop].copy_(buf)
+        return delta[: self.numel], (delta[-1].item() if extra else None)
+
+    def _ring_bytes(self, payload_bytes: float) -> float:
+        """Bytes one rank sends in a ring all-reduce of ``payload_bytes`` (reduce-scatter + all-gather)."""
+        return 2 * (self.world_size - 1) / self.world_size * payload_bytes
+
+    def _round_metrics(self, delta: torch.Tensor, mean_sq_norm: float, outer_lr: float, started: float) -> dict:
+        sq_norm_of_mean = delta.dot(delta).item()  # also waits for the device, so the timing below is real
+        seconds = time.perf_counter() - started
+        k = self.world_size
+        ddp_bytes = self.num_steps * self._ring_bytes(self._gradient_bytes)
+        metrics = {
+            "round": self.num_syncs,
+            "sync_every": self.sync_every,
+            "outer_lr": outer_lr,
+            "outer_grad_norm": math.sqrt(sq_norm_of_mean),
+            # mean_k ‖x_k - x̄‖² = mean_k ‖Δ_k - Δ‖² = mean_k ‖Δ_k‖² - ‖Δ‖²
+            "drift": max(mean_sq_norm - sq_norm_of_mean, 0.0),
+            "sync_seconds": seconds,
+            "bytes_sent": self._ring_bytes(self._sync_payload_bytes),
+            "bytes_total": self.bytes_sent,
+            "ddp_bytes_total": ddp_bytes,
+        }
+        if ddp_bytes > 0:
+            metrics["bytes_vs_ddp"] = self.bytes_sent / ddp_bytes
+        if k > 1 and mean_sq_norm > 0:
+            # Σ_{k≠l} <Δ_k, Δ_l> = ‖Σ_k Δ_k‖² - Σ_k ‖Δ_k‖², over k(k-1) ordered pairs, divided by the mean ‖Δ_k‖²:
+            # the mean pairwise cosine, exact when the replicas' outer gradients have equal norms.
+            metrics["cosine_similarity"] = (k * sq_norm_of_mean - mean_sq_norm) / ((k - 1) * mean_sq_norm)
+        return metrics
 
     @torch.no_grad()
     def _broadcast_global(self) -> None:
@@ -293,6 +349,7 @@ class RoundEngine:
             "num_steps": self.num_steps,
             "inner_step": self.inner_step,
             "num_syncs": self.num_syncs,
+            "bytes_sent": self.bytes_sent,
             "global_params": self.global_params,
             "outer_optimizer": self.outer_optimizer.state_dict(),
             "outer_scheduler": self.outer_scheduler.state_dict(),
@@ -311,6 +368,7 @@ class RoundEngine:
         self.num_steps = state["num_steps"]
         self.inner_step = state["inner_step"]
         self.num_syncs = state["num_syncs"]
+        self.bytes_sent = state["bytes_sent"]
         self.global_params.copy_(state["global_params"])
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
         self.outer_scheduler.load_state_dict(state["outer_scheduler"])

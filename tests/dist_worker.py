@@ -73,7 +73,7 @@ class NesterovReference(TrainerCallback):
 
     def __init__(self, trainer, lr: float, momentum: float):
         self.trainer, self.lr, self.momentum = trainer, lr, momentum
-        self.global_, self.buf, self.expected, self.errors = None, None, None, []
+        self.global_, self.buf, self.expected, self.errors, self.stats = None, None, None, [], []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if args.local_sgd_warmup_steps == 0:
@@ -95,7 +95,17 @@ class NesterovReference(TrainerCallback):
         local = flat_params(model).double()
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, local)
-        delta = torch.stack([self.global_ - x for x in gathered]).mean(0)
+        deltas = torch.stack([self.global_ - x for x in gathered])
+        delta = deltas.mean(0)
+        # Exact per-round statistics, to check the engine's metrics against.
+        average = torch.stack(gathered).mean(0)
+        self.stats.append({
+            "drift": torch.stack([(x - average).pow(2).sum() for x in gathered]).mean().item(),
+            "outer_grad_norm": delta.norm().item(),
+            "inner_product": (deltas[0] @ deltas[1]).item(),
+            "mean_sq_norm": deltas.pow(2).sum(1).mean().item(),
+            "numel": local.numel(),
+        })
         self.buf = self.momentum * self.buf + delta
         self.global_ = self.global_ - self.lr * (delta + self.momentum * self.buf)
         self.expected = self.global_
@@ -180,6 +190,8 @@ def scenario_rounds(out_dir: str) -> dict:
         "engine_broadcast": counts["broadcast"],
         "num_syncs": trainer.local_sgd.engine.num_syncs,
         "reference_errors": reference.errors,
+        "reference_stats": reference.stats,
+        "round_logs": [log for log in trainer.state.log_history if "local_sgd/round" in log],
         "rank_marker": model.rank_marker.tolist(),
         "first_losses": losses[:3],
         "last_losses": losses[-3:],

@@ -42,9 +42,24 @@ def test_rounds_communicate_only_at_syncs(tmp_path):
     # Each outer step matches a float64 Nesterov reference computed from all ranks' weights.
     assert len(r0["reference_errors"]) == 3 and max(r0["reference_errors"]) < 1e-5
 
+    # One log entry per sync with the round's metrics, checked against statistics computed from all weights.
+    logs, stats = r0["round_logs"], r0["reference_stats"]
+    assert [log["step"] for log in logs] == sorted(sync_steps) and [log["local_sgd/round"] for log in logs] == [1, 2, 3]
+    n = stats[0]["numel"]
+    for i, (log, ref) in enumerate(zip(logs, stats)):
+        assert log["local_sgd/drift"] == pytest.approx(ref["drift"], rel=1e-3)
+        assert log["local_sgd/outer_grad_norm"] == pytest.approx(ref["outer_grad_norm"], rel=1e-4)
+        # Two replicas: the estimate is <Δ_0, Δ_1> / mean_k ‖Δ_k‖² (exact cosine when the norms are equal).
+        assert log["local_sgd/cosine_similarity"] == pytest.approx(ref["inner_product"] / ref["mean_sq_norm"], rel=1e-3)
+        assert log["local_sgd/bytes_sent"] == (n + 1) * 4  # ring all-reduce of 2 ranks: the payload once
+        assert log["local_sgd/bytes_total"] == 2 * n * 4 + (i + 1) * (n + 1) * 4  # 2 DDP warm-up steps + syncs
+        assert log["local_sgd/ddp_bytes_total"] == log["step"] * n * 4
+        assert log["local_sgd/outer_lr"] == 0.7 and log["local_sgd/sync_every"] == 4
+    assert logs[-1]["local_sgd/bytes_vs_ddp"] < 0.4
+
     # Forward passes broadcast no buffers: rank 1 keeps its own.
     assert r0["rank_marker"] == [0.0] * 4 and r1["rank_marker"] == [1.0] * 4
-    assert sum(r0["last_losses"]) < 0.9 * sum(r0["first_losses"])
+    assert r0["last_losses"][-1] < 0.9 * r0["first_losses"][0]  # loss logged at steps 2 and 14
 
 
 def test_h1_average_equals_ddp(tmp_path):

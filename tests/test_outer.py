@@ -250,3 +250,20 @@ def test_engine_skips_frozen_parameters():
     engine = RoundEngine(m, sync_every=1)
     assert engine.numel == sum(p.numel() for p in m.parameters()) - m[0].weight.numel()
     assert not math.isnan(engine.global_params.sum().item())
+
+
+def test_metrics_one_replica_and_no_effect_on_training():
+    weights = []
+    for track in (False, True):
+        m, g = model(), torch.Generator().manual_seed(6)
+        engine = RoundEngine(m, sync_every=2, outer_optimizer="nesterov", track_metrics=track)
+        start = flat(m)
+        local_steps(m, 2, g)
+        expected_norm = (start - flat(m)).norm().item()
+        assert engine.step() is False and engine.step() is True
+        weights.append(flat(m))
+    assert torch.equal(*weights)  # measuring changes nothing
+    metrics = engine.last_metrics
+    assert metrics["outer_grad_norm"] == pytest.approx(expected_norm, rel=1e-5)
+    assert metrics["drift"] == pytest.approx(0.0, abs=1e-9) and "cosine_similarity" not in metrics
+    assert metrics["bytes_sent"] == 0 and metrics["round"] == 1 and metrics["sync_seconds"] > 0
