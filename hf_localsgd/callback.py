@@ -61,6 +61,11 @@ class LocalSGDCallback(TrainerCallback):
         self._ddp: DistributedDataParallel | None = None
         self._local_weights: torch.Tensor | None = None  # this replica's weights while the global model is in
         self._state_written_at: int | None = None
+        # PALSGD, for the step in progress: whether it is a pseudo-synchronization, the inner lr α_t, and
+        # the optimizer's own lrs while its gradient step runs at α_t / (1 - p).
+        self.pseudo_sync_step = False
+        self._inner_lr = 0.0
+        self._unscaled_lrs: list[float] | None = None
 
     @classmethod
     def attach(cls, trainer, config: LocalSGDArguments | None = None, process_group=None) -> "LocalSGDCallback":
@@ -87,7 +92,7 @@ class LocalSGDCallback(TrainerCallback):
 
         total_rounds = max(1, math.ceil((state.max_steps - config.local_sgd_warmup_steps) / config.sync_every))
         self.engine = RoundEngine(
-            model, total_rounds=total_rounds, process_group=self.process_group,
+            model, total_rounds=total_rounds, process_group=self.process_group, seed=args.seed,
             track_metrics=str(args.logging_strategy).rsplit(".", 1)[-1].lower() != "no", **config.engine_kwargs()
         )
         if state.global_step > 0:
@@ -141,10 +146,31 @@ class LocalSGDCallback(TrainerCallback):
             self._ddp.require_backward_grad_sync = self.engine.syncs_gradients
 
     # ------------------------------------------------------------------ the round
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         self._restore_local_weights()
+        self.pseudo_sync_step = self.engine.draw_pseudo_sync()
+        self._inner_lr = optimizer.param_groups[0]["lr"]
+        scale = self.engine.inner_lr_scale
+        if not self.pseudo_sync_step and scale != 1.0:
+            self._unscaled_lrs = [group["lr"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["lr"] *= scale
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.pseudo_sync_step:
+            # No gradient step: torch optimizers skip parameters without a gradient (no moment update, no
+            # weight decay). LocalSGDTrainer did not even compute them; another trainer did, and they are dropped.
+            model.zero_grad(set_to_none=True)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self._unscaled_lrs is not None:  # before Trainer's scheduler step, which reads them
+            for group, lr in zip(optimizer.param_groups, self._unscaled_lrs):
+                group["lr"] = lr
+            self._unscaled_lrs = None
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.pseudo_sync_step:
+            self.engine.pseudo_sync(self._inner_lr)
         synced = self.engine.step()
         if state.global_step >= state.max_steps or control.should_training_stop:
             # Training ends with the global model: synchronize the partial round.

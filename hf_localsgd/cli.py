@@ -2,6 +2,8 @@
 
     hf-localsgd train recipes/gptneo-tinystories/demo.yaml --max_steps 60
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml -m hf_localsgd.cli train RECIPE.yaml
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml -m hf_localsgd.cli advise RECIPE.yaml
+    hf-localsgd plot outputs/diloco --compare outputs/ddp
 
 Everything after the subcommand goes to that module's own `main(argv)` untouched (its parser owns `--help`),
 and the module is imported only when its subcommand runs, so `hf-localsgd --help` stays fast.
@@ -17,6 +19,8 @@ import sys
 # subcommand: (module with `main(argv)`, one-line help)
 COMMANDS = {
     "train": ("hf_localsgd.train", "train a model from a recipe YAML (flags override its keys)"),
+    "advise": ("hf_localsgd.advise", "under accelerate launch: time a step and an all-reduce, predict the best H"),
+    "plot": ("hf_localsgd.plot", "PNG figures of runs' logs: loss vs steps and bytes, cosine similarity, drift"),
 }
 
 

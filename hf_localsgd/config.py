@@ -74,6 +74,18 @@ class LocalSGDArguments:
             "(post-local SGD; PALSGD used 1024 on TinyStories)."
         },
     )
+    pseudo_sync_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "PALSGD's p: probability that a step is a pseudo-synchronization (pull toward this rank's "
+            "copy of the global model: no data, no gradient, no communication) instead of a gradient step, "
+            "whose inner lr is then scaled by 1 / (1 - p). 0 disables PALSGD; the paper used 0.1 on TinyStories."
+        },
+    )
+    pseudo_sync_rate: float = field(
+        default=1.0,
+        metadata={"help": "PALSGD's mixing rate η: a pseudo-synchronization moves x_k by (lr · η / p)(x - x_k)."},
+    )
     outer_state_device: str = field(
         default="model",
         metadata={
@@ -129,6 +141,10 @@ class LocalSGDArguments:
                 f"({self.local_sgd_warmup_steps}) must be shorter than max_steps ({max_steps}), "
                 "or no local round would ever run",
             )
+        if not 0 <= self.pseudo_sync_prob < 1:
+            fail("pseudo_sync_prob", f"must be in [0, 1), got {self.pseudo_sync_prob}")
+        if self.pseudo_sync_rate <= 0:
+            fail("pseudo_sync_rate", f"must be > 0, got {self.pseudo_sync_rate}")
         if self.outer_state_device not in ("model", "cpu"):
             fail("outer_state_device", f"must be 'model' or 'cpu', got {self.outer_state_device!r}")
         if self.outer_comm_dtype not in COMM_DTYPES:
@@ -160,6 +176,8 @@ class LocalSGDArguments:
             outer_lr_scheduler=self.outer_lr_scheduler,
             outer_lr_plateau_fraction=self.outer_lr_plateau_fraction,
             warmup_steps=self.local_sgd_warmup_steps,
+            pseudo_sync_prob=self.pseudo_sync_prob,
+            pseudo_sync_rate=self.pseudo_sync_rate,
             state_device=self.outer_state_device,
             comm_dtype=self.outer_comm_dtype,
         )

@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 COMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def pseudo_sync_seed(seed: int, rank: int) -> int:
+    """The seed of a rank's PALSGD draws: a function of (seed, rank) that differs across ranks."""
+    return (seed * 1_000_003 + rank * 7_919 + 17) % 2**63
+
+
 class RoundEngine:
     """Local SGD / DiLoCo / schedule-free outer optimization over the trainable parameters of ``model``.
 
@@ -54,6 +59,10 @@ class RoundEngine:
         comm_dtype: ``"float32"`` or ``"bfloat16"`` (or a ``torch.dtype``) for the outer all-reduce.
         process_group: the group the replicas average over; ``None`` is the default group (or no
             communication at all when ``torch.distributed`` is not initialized).
+        pseudo_sync_prob: PALSGD's p (seed 001 Alg. 1): the probability that a step is a pseudo-synchronization
+            toward this rank's copy of the global model instead of a gradient step (0 disables PALSGD).
+        pseudo_sync_rate: PALSGD's mixing rate η.
+        seed: seeds each rank's pseudo-synchronization draws (with the rank: reproducible, different per rank).
         track_metrics: measure each sync (``last_metrics``): outer-gradient norm, replica drift, cosine
             similarity of the replicas' outer gradients, time and bytes. It adds one float to the outer
             all-reduce (no extra collective) and two reductions over the flat buffer; off, it costs nothing.
@@ -75,6 +84,9 @@ class RoundEngine:
         comm_dtype: str | torch.dtype = "float32",
         process_group: dist.ProcessGroup | None = None,
         bucket_size_mb: float = 256,
+        pseudo_sync_prob: float = 0.0,
+        pseudo_sync_rate: float = 1.0,
+        seed: int = 0,
         track_metrics: bool = False,
     ):
         if sync_every < 1:
@@ -91,6 +103,10 @@ class RoundEngine:
             comm_dtype = COMM_DTYPES[comm_dtype]
         if bucket_size_mb <= 0:
             raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb}")
+        if not 0 <= pseudo_sync_prob < 1:
+            raise ValueError(f"pseudo_sync_prob must be in [0, 1), got {pseudo_sync_prob}")
+        if pseudo_sync_rate <= 0:
+            raise ValueError(f"pseudo_sync_rate must be > 0, got {pseudo_sync_rate}")
 
         params = model.parameters() if isinstance(model, nn.Module) else model
         self.params = [p for p in params if p.requires_grad]
@@ -109,6 +125,11 @@ class RoundEngine:
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if dist.is_initialized() else 1
         self.track_metrics = track_metrics
+        self.pseudo_sync_prob = pseudo_sync_prob
+        self.pseudo_sync_rate = pseudo_sync_rate
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self._draws = torch.Generator().manual_seed(pseudo_sync_seed(seed, rank))
+        self.pseudo_syncs_in_round = 0
         self.last_metrics: dict[str, float] = {}
         self.bytes_sent = 0.0  # by this rank, outer syncs and warm-up gradient all-reduces
 
@@ -189,7 +210,33 @@ class RoundEngine:
         self.num_syncs += 1
         if self.track_metrics:
             self.last_metrics = self._round_metrics(delta, mean_sq_norm, outer_lr, started)
+        self.pseudo_syncs_in_round = 0
         return True
+
+    # ------------------------------------------------------------------ PALSGD
+    def draw_pseudo_sync(self) -> bool:
+        """Draw b ~ U[0, 1] for the coming step: True (b <= p) means a pseudo-synchronization instead of a
+        gradient step. Only local steps draw (never during warm-up), one draw per step, so the sequence is
+        a function of the seed, the rank and the step."""
+        if self.pseudo_sync_prob == 0 or self.in_warmup:
+            return False
+        return torch.rand((), generator=self._draws).item() <= self.pseudo_sync_prob
+
+    @property
+    def inner_lr_scale(self) -> float:
+        """PALSGD's gradient steps use α_t / (1 - p), so that in expectation they move as far as plain SGD."""
+        return 1.0 / (1.0 - self.pseudo_sync_prob) if not self.in_warmup else 1.0
+
+    @torch.no_grad()
+    def pseudo_sync(self, lr: float) -> None:
+        """x_k <- x_k - (α η / p) (x_k - x): pull this replica toward its copy of the global model, with no
+        data, gradient or communication (seed 001 Alg. 1)."""
+        weight = lr * self.pseudo_sync_rate / self.pseudo_sync_prob
+        for start, end, params in self._buckets:
+            src = self.global_params[start:end].to(self.device, non_blocking=True)
+            targets = [v.to(p.dtype) for v, p in zip(self._views(src, start, end), params)]
+            torch._foreach_lerp_([p.data for p in params], targets, weight)
+        self.pseudo_syncs_in_round += 1
 
     def _outer_gradient(self) -> tuple[torch.Tensor, float | None]:
         """Δ = mean_k (x_r - x_k) as one flat float32 tensor on the state device (one collective per bucket),
@@ -235,6 +282,8 @@ class RoundEngine:
             "bytes_total": self.bytes_sent,
             "ddp_bytes_total": ddp_bytes,
         }
+        if self.pseudo_sync_prob > 0:
+            metrics["pseudo_syncs"] = self.pseudo_syncs_in_round  # this rank's, in the round just ended
         if ddp_bytes > 0:
             metrics["bytes_vs_ddp"] = self.bytes_sent / ddp_bytes
         if k > 1 and mean_sq_norm > 0:
@@ -350,6 +399,8 @@ class RoundEngine:
             "inner_step": self.inner_step,
             "num_syncs": self.num_syncs,
             "bytes_sent": self.bytes_sent,
+            "pseudo_syncs_in_round": self.pseudo_syncs_in_round,
+            "pseudo_sync_draws": self._draws.get_state(),
             "global_params": self.global_params,
             "outer_optimizer": self.outer_optimizer.state_dict(),
             "outer_scheduler": self.outer_scheduler.state_dict(),
@@ -369,6 +420,8 @@ class RoundEngine:
         self.inner_step = state["inner_step"]
         self.num_syncs = state["num_syncs"]
         self.bytes_sent = state["bytes_sent"]
+        self.pseudo_syncs_in_round = state["pseudo_syncs_in_round"]
+        self._draws.set_state(state["pseudo_sync_draws"])
         self.global_params.copy_(state["global_params"])
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
         self.outer_scheduler.load_state_dict(state["outer_scheduler"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
@@ -35,6 +36,15 @@ class LocalSGDTrainer(Trainer):
             )
         super().__init__(model, args, *posargs, **kwargs)
         self.local_sgd = LocalSGDCallback.attach(self)
+        self._last_loss = torch.zeros((), device=self.args.device)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.local_sgd.pseudo_sync_step:
+            # PALSGD: this step's batch is drawn (all ranks stay in step with the data order) but not used.
+            # The loss logged for it is this rank's last one.
+            return self._last_loss
+        self._last_loss = super().training_step(model, inputs, num_items_in_batch)
+        return self._last_loss
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *posargs, **kwargs):
         if resume_from_checkpoint is True:

@@ -217,12 +217,12 @@ def scenario_ddp_equivalence(out_dir: str) -> dict:
     }
 
 
-def scenario_resume(out_dir: str, outer_optimizer: str = "schedule_free") -> dict:
+def scenario_resume(out_dir: str, outer_optimizer: str = "schedule_free", pseudo_sync_prob: str = "0") -> dict:
     def run(resume_from=None, output="full"):
         args = LocalSGDConfig(
             **common_args(os.path.join(out_dir, output), max_steps=12, save_strategy="steps", save_steps=5,
                           save_total_limit=2, max_grad_norm=1.0),
-            sync_every=4, outer_optimizer=outer_optimizer,
+            sync_every=4, outer_optimizer=outer_optimizer, pseudo_sync_prob=float(pseudo_sync_prob),
         )
         trainer = LocalSGDTrainer(model=tiny_model(dropout=0.1), args=args, train_dataset=dataset())
         trainer.train(resume_from_checkpoint=resume_from)
@@ -299,6 +299,64 @@ def scenario_accelerate_loop(out_dir: str) -> dict:
         "num_syncs": engine.num_syncs,
         "losses": losses,
     }
+
+
+class LinearRegression(torch.nn.Module):
+    """The small model of the PALSGD reference test: y = w·x + b with a squared loss."""
+
+    def __init__(self):
+        super().__init__()
+        set_seed(0)
+        self.linear = torch.nn.Linear(4, 1)
+
+    def forward(self, features, labels):
+        return {"loss": (self.linear(features).squeeze(-1) - labels).pow(2).mean()}
+
+
+def regression_data(n: int = 64) -> Dataset:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, 4, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(n, generator=g)
+    return Dataset.from_dict({"features": x.tolist(), "labels": y.tolist()})
+
+
+class StepRecorder(TrainerCallback):
+    """After LocalSGDCallback: whether each step was a pseudo-synchronization, its inner lr, the weights."""
+
+    def __init__(self, local_sgd):
+        self.local_sgd, self.steps = local_sgd, []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.steps.append({
+            "pseudo_sync": self.local_sgd.pseudo_sync_step,
+            "lr": self.local_sgd._inner_lr,
+            "weights": flat_params(model).tolist(),
+        })
+
+
+def scenario_palsgd(out_dir: str) -> dict:
+    """PALSGD with plain SGD inside, a linear lr decay, p = 0.3, η = 2, H = 4, Nesterov outer step."""
+    from transformers import default_data_collator
+
+    batches = []
+
+    def recording_collator(features):
+        batch = default_data_collator(features)
+        batches.append({k: v.tolist() for k, v in batch.items()})
+        return batch
+
+    args = LocalSGDConfig(
+        **common_args(out_dir, max_steps=12, optim="sgd", learning_rate=0.05, lr_scheduler_type="linear",
+                      max_grad_norm=0.0, weight_decay=0.0, logging_steps=100),
+        sync_every=4, outer_optimizer="nesterov", outer_lr=0.7, outer_momentum=0.9,
+        pseudo_sync_prob=0.3, pseudo_sync_rate=2.0,
+    )
+    trainer = LocalSGDTrainer(model=LinearRegression(), args=args, train_dataset=regression_data(),
+                              data_collator=recording_collator)
+    recorder = StepRecorder(trainer.local_sgd)
+    trainer.add_callback(recorder)
+    trainer.train()
+    return {"steps": recorder.steps, "batches": batches[: len(recorder.steps)]}
 
 
 def main() -> None:

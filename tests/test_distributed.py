@@ -70,8 +70,8 @@ def test_h1_average_equals_ddp(tmp_path):
 
 
 def test_resume_mid_round_is_bit_exact(tmp_path):
-    """Schedule-free outer optimizer, dropout on; resumed from step 10 of rounds of 4 steps."""
-    r0, r1 = run_worker("resume", tmp_path, "schedule_free")
+    """Schedule-free outer optimizer, PALSGD draws (p = 0.25), dropout on; resumed from step 10 of rounds of 4."""
+    r0, r1 = run_worker("resume", tmp_path, "schedule_free", "0.25")
     for r in (r0, r1):
         assert r["resumed"] == r["full"]
     assert r0["full"][0] == r1["full"][0]  # training ended synchronized
