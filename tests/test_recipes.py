@@ -21,7 +21,7 @@ ON_THIS_MACHINE = ["--use_cpu", "true"]
 def test_recipes_exist():
     names = {p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES}
     assert {"gptneo-tinystories/ddp.yaml", "gptneo-tinystories/localsgd.yaml", "gptneo-tinystories/diloco.yaml",
-            "gptneo-tinystories/demo.yaml"} <= names
+            "gptneo-tinystories/palsgd.yaml", "gptneo-tinystories/demo.yaml"} <= names
     for size in ("150m", "400m", "1b"):
         assert {f"chinchilla-c4/{size}-nesterov.yaml", f"chinchilla-c4/{size}-schedule-free.yaml"} <= names
 
