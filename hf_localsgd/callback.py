@@ -20,7 +20,6 @@ gradients under the outer optimizer.
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import torch
@@ -31,6 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import LocalSGDArguments
 from .engine import RoundEngine
+from .schedules import count_rounds, sync_every_schedule
 
 
 logger = logging.getLogger(__name__)
@@ -90,10 +90,18 @@ class LocalSGDCallback(TrainerCallback):
             logger.warning("Local SGD: setting average_tokens_across_devices=False (an all-gather on every step)")
             args.average_tokens_across_devices = False
 
-        total_rounds = max(1, math.ceil((state.max_steps - config.local_sgd_warmup_steps) / config.sync_every))
+        start, end = config.local_sgd_warmup_steps, state.max_steps
+        sync_every = sync_every_schedule(
+            config.sync_every_schedule, config.sync_every, config.sync_every_min, start, end,
+            stages=config.sync_every_stages, current_lr=lambda: optimizer.param_groups[0]["lr"],
+            peak_lr=args.learning_rate, lr_warmup_end=args.get_warmup_steps(end),
+        )
+        # The number of rounds (for a decaying outer lr) is known in advance unless H follows the inner lr.
+        total_rounds = None if config.sync_every_schedule == "inverse_lr" else count_rounds(sync_every, start, end)
         self.engine = RoundEngine(
-            model, total_rounds=total_rounds, process_group=self.process_group, seed=args.seed,
-            track_metrics=str(args.logging_strategy).rsplit(".", 1)[-1].lower() != "no", **config.engine_kwargs()
+            model, process_group=self.process_group, seed=args.seed, total_rounds=total_rounds,
+            track_metrics=str(args.logging_strategy).rsplit(".", 1)[-1].lower() != "no",
+            **{**config.engine_kwargs(), "sync_every": sync_every},
         )
         if state.global_step > 0:
             self._resume(args, state, model, optimizer)
@@ -101,9 +109,9 @@ class LocalSGDCallback(TrainerCallback):
         if hasattr(model, "add_model_tags"):
             model.add_model_tags([MODEL_TAG])
         logger.info(
-            "Local SGD: %d replicas, outer optimizer %s (lr %s), H=%d, %d warm-up steps, %d rounds",
+            "Local SGD: %d replicas, outer optimizer %s (lr %s), H=%d (%s), %d warm-up steps, %s rounds",
             self.engine.world_size, config.outer_optimizer, self.engine.outer_lr, config.sync_every,
-            config.local_sgd_warmup_steps, total_rounds,
+            config.sync_every_schedule, config.local_sgd_warmup_steps, total_rounds or "unknown",
         )
 
     def _check_supported(self, args) -> None:

@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 
 from .engine import COMM_DTYPES
 from .outer import OUTER_DEFAULTS, OUTER_LR_SCHEDULERS, OUTER_OPTIMIZERS
+from .schedules import SYNC_EVERY_SCHEDULES
 
 
 @dataclass
@@ -28,6 +29,25 @@ class LocalSGDArguments:
     sync_every: int = field(
         default=16,
         metadata={"help": "H: inner optimizer steps per round, between two outer synchronizations."},
+    )
+    sync_every_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "How H changes over training (communicate often early, rarely later; seed 002 §4.1): "
+            "'constant' (sync_every), 'linear' or 'stepwise' ramps from sync_every_min to sync_every over the "
+            "local steps, or 'inverse_lr': H = sync_every_min · peak lr / lr, clipped to "
+            "[sync_every_min, sync_every], which grows H as the inner learning rate decays (seed 000 A.1.5).",
+            "choices": list(SYNC_EVERY_SCHEDULES),
+        },
+    )
+    sync_every_min: int = field(
+        default=1,
+        metadata={"help": "The smallest H of a sync_every_schedule (its start for 'linear' and 'stepwise')."},
+    )
+    sync_every_stages: int = field(
+        default=4,
+        metadata={"help": "For sync_every_schedule='stepwise': the number of equal spans of steps, each "
+                          "with one H, from sync_every_min to sync_every."},
     )
     outer_optimizer: str = field(
         default="nesterov",
@@ -114,6 +134,17 @@ class LocalSGDArguments:
 
         if not isinstance(self.sync_every, int) or self.sync_every < 1:
             fail("sync_every", f"must be an integer >= 1, got {self.sync_every!r}")
+        if self.sync_every_schedule not in SYNC_EVERY_SCHEDULES:
+            fail("sync_every_schedule", f"must be one of {SYNC_EVERY_SCHEDULES}, got {self.sync_every_schedule!r}")
+        if self.sync_every_schedule != "constant":
+            if not isinstance(self.sync_every_min, int) or not 1 <= self.sync_every_min <= self.sync_every:
+                fail("sync_every_min", f"must be an integer in [1, sync_every={self.sync_every}], "
+                     f"got {self.sync_every_min!r}")
+            if not isinstance(self.sync_every_stages, int) or self.sync_every_stages < 1:
+                fail("sync_every_stages", f"must be an integer >= 1, got {self.sync_every_stages!r}")
+            if self.sync_every_schedule == "inverse_lr" and self.outer_lr_scheduler != "constant":
+                fail("outer_lr_scheduler", "a decaying outer lr needs the number of rounds in advance, which "
+                     "sync_every_schedule='inverse_lr' does not know (it follows the inner lr): use 'constant'")
         if self.outer_optimizer not in OUTER_OPTIMIZERS:
             fail("outer_optimizer", f"must be one of {OUTER_OPTIMIZERS}, got {self.outer_optimizer!r}")
         if self.outer_lr is not None and self.outer_lr < 0:
@@ -167,7 +198,8 @@ class LocalSGDArguments:
         return OUTER_DEFAULTS[self.outer_optimizer][1] if self.outer_momentum is None else self.outer_momentum
 
     def engine_kwargs(self) -> dict:
-        """Keyword arguments of `RoundEngine` taken from these options."""
+        """Keyword arguments of `RoundEngine` taken from these options (a constant H: the callback builds
+        the schedule, which needs the run's length and learning rate)."""
         return dict(
             sync_every=self.sync_every,
             outer_optimizer=self.outer_optimizer,

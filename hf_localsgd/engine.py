@@ -23,7 +23,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,8 @@ class RoundEngine:
     Args:
         model: the (unwrapped) module, or an iterable of its parameters. Only parameters with
             ``requires_grad`` take part; buffers stay local (language models' buffers are constants).
-        sync_every: H, the number of inner steps per round.
+        sync_every: H, the number of inner steps per round; or a function of the number of steps taken that
+            gives the H of the round starting there (``hf_localsgd.schedules``), the same on every rank.
         outer_optimizer: ``"average"``, ``"nesterov"`` or ``"schedule_free"``.
         outer_lr, outer_momentum: ``None`` picks the defaults of ``hf_localsgd.outer.OUTER_DEFAULTS``.
         outer_lr_scheduler: ``"constant"``, ``"cosine"`` or ``"linear_after_plateau"``; the last two need
@@ -72,7 +73,7 @@ class RoundEngine:
         self,
         model: nn.Module | Iterable[nn.Parameter],
         *,
-        sync_every: int,
+        sync_every: int | Callable[[int], int],
         outer_optimizer: str = "nesterov",
         outer_lr: float | None = None,
         outer_momentum: float | None = None,
@@ -89,7 +90,7 @@ class RoundEngine:
         seed: int = 0,
         track_metrics: bool = False,
     ):
-        if sync_every < 1:
+        if not callable(sync_every) and sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         if outer_optimizer not in OUTER_DEFAULTS:
             raise ValueError(f"outer_optimizer must be one of {tuple(OUTER_DEFAULTS)}, got {outer_optimizer!r}")
@@ -118,7 +119,8 @@ class RoundEngine:
         self.device = devices.pop()
         self.state_device = self.device if state_device == "model" else torch.device(state_device)
 
-        self.sync_every = sync_every
+        self._sync_every_schedule = sync_every if callable(sync_every) else None
+        self.sync_every = sync_every if not callable(sync_every) else 0  # H of the current round
         self.outer_optimizer_name = outer_optimizer
         self.warmup_steps = warmup_steps
         self.comm_dtype = comm_dtype
@@ -153,6 +155,7 @@ class RoundEngine:
             self.outer_optimizer, outer_lr_scheduler, total_rounds, outer_lr_plateau_fraction
         )
         self._copy_from_model(self.global_params)
+        self._start_round()
         if self.world_size > 1:
             self._broadcast_global()
         else:
@@ -185,6 +188,7 @@ class RoundEngine:
             if self.num_steps == self.warmup_steps:
                 # Local rounds start from the warmed-up model, which DDP kept identical on every rank.
                 self._copy_from_model(self.global_params)
+                self._start_round()
             return False
         self.inner_step += 1
         if self.inner_step >= self.sync_every:
@@ -211,7 +215,16 @@ class RoundEngine:
         if self.track_metrics:
             self.last_metrics = self._round_metrics(delta, mean_sq_norm, outer_lr, started)
         self.pseudo_syncs_in_round = 0
+        self._start_round()
         return True
+
+    def _start_round(self) -> None:
+        """Fix the H of the round that starts now (a communication schedule is asked once per round)."""
+        if self._sync_every_schedule is not None:
+            h = int(self._sync_every_schedule(self.num_steps))
+            if h < 1:
+                raise ValueError(f"the sync_every schedule gave H={h} at step {self.num_steps}")
+            self.sync_every = h
 
     # ------------------------------------------------------------------ PALSGD
     def draw_pseudo_sync(self) -> bool:
@@ -393,7 +406,7 @@ class RoundEngine:
     def state_dict(self) -> dict:
         return {
             "outer_optimizer_name": self.outer_optimizer_name,
-            "sync_every": self.sync_every,
+            "sync_every": self.sync_every,  # of the round in progress
             "world_size": self.world_size,
             "num_steps": self.num_steps,
             "inner_step": self.inner_step,
@@ -419,6 +432,7 @@ class RoundEngine:
         self.num_steps = state["num_steps"]
         self.inner_step = state["inner_step"]
         self.num_syncs = state["num_syncs"]
+        self.sync_every = state["sync_every"]
         self.bytes_sent = state["bytes_sent"]
         self.pseudo_syncs_in_round = state["pseudo_syncs_in_round"]
         self._draws.set_state(state["pseudo_sync_draws"])
