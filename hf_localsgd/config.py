@@ -19,6 +19,7 @@ from transformers import TrainingArguments
 
 from .engine import COMM_DTYPES
 from .outer import OUTER_DEFAULTS, OUTER_LR_SCHEDULERS, OUTER_OPTIMIZERS
+from .partition import DATA_PARTITIONS
 from .schedules import SYNC_EVERY_SCHEDULES
 
 
@@ -106,6 +107,19 @@ class LocalSGDArguments:
         default=1.0,
         metadata={"help": "PALSGD's mixing rate η: a pseudo-synchronization moves x_k by (lr · η / p)(x - x_k)."},
     )
+    data_partition: str = field(
+        default="iid",
+        metadata={
+            "help": "How the training data is split across workers (LocalSGDTrainer): 'iid' (the usual "
+            "distributed sampler) or 'by_label': sorted by data_partition_column and cut into one contiguous "
+            "shard per worker, the pathological partition of seed 002 §4.2.",
+            "choices": list(DATA_PARTITIONS),
+        },
+    )
+    data_partition_column: str = field(
+        default="label",
+        metadata={"help": "The column data_partition='by_label' sorts by."},
+    )
     outer_state_device: str = field(
         default="model",
         metadata={
@@ -176,6 +190,8 @@ class LocalSGDArguments:
             fail("pseudo_sync_prob", f"must be in [0, 1), got {self.pseudo_sync_prob}")
         if self.pseudo_sync_rate <= 0:
             fail("pseudo_sync_rate", f"must be > 0, got {self.pseudo_sync_rate}")
+        if self.data_partition not in DATA_PARTITIONS:
+            fail("data_partition", f"must be one of {DATA_PARTITIONS}, got {self.data_partition!r}")
         if self.outer_state_device not in ("model", "cpu"):
             fail("outer_state_device", f"must be 'model' or 'cpu', got {self.outer_state_device!r}")
         if self.outer_comm_dtype not in COMM_DTYPES:

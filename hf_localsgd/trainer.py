@@ -20,6 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .callback import MODEL_TAG, LocalSGDCallback
 from .card import method_card_section
 from .config import LocalSGDArguments, LocalSGDConfig
+from .partition import LabelShardSampler
 
 
 class LocalSGDTrainer(Trainer):
@@ -37,6 +38,22 @@ class LocalSGDTrainer(Trainer):
         super().__init__(model, args, *posargs, **kwargs)
         self.local_sgd = LocalSGDCallback.attach(self)
         self._last_loss = torch.zeros((), device=self.args.device)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.data_partition == "iid":
+            return super()._get_train_sampler(train_dataset)
+        column = self.args.data_partition_column
+        # self.train_dataset still has the column: Trainer drops the ones the model does not take before
+        # building the sampler, but keeps the rows, so indices are the same.
+        if not hasattr(self.train_dataset, "column_names") or column not in self.train_dataset.column_names:
+            raise ValueError(
+                f"data_partition_column: data_partition='by_label' sorts by column {column!r}, which the train "
+                f"dataset does not have (columns: {getattr(self.train_dataset, 'column_names', None)})"
+            )
+        return LabelShardSampler(
+            self.train_dataset[column], self.args.world_size, self.args.per_device_train_batch_size,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+        )
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.local_sgd.pseudo_sync_step:
