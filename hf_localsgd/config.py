@@ -190,6 +190,9 @@ class LocalSGDArguments:
             fail("pseudo_sync_prob", f"must be in [0, 1), got {self.pseudo_sync_prob}")
         if self.pseudo_sync_rate <= 0:
             fail("pseudo_sync_rate", f"must be > 0, got {self.pseudo_sync_rate}")
+        if self.pseudo_sync_prob > 0 and getattr(self, "fp16", False):
+            fail("pseudo_sync_prob", "PALSGD skips the gradients of pseudo-synchronization steps, which fp16's "
+                 "gradient scaler cannot step without; use bf16")
         if self.data_partition not in DATA_PARTITIONS:
             fail("data_partition", f"must be one of {DATA_PARTITIONS}, got {self.data_partition!r}")
         if self.outer_state_device not in ("model", "cpu"):

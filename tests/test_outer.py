@@ -191,7 +191,8 @@ def test_outer_lr_schedules():
     [("sync_every", 0), ("outer_optimizer", "adam"), ("outer_lr", -0.1), ("outer_momentum", 1.0),
      ("outer_lr_scheduler", "step"), ("outer_lr_plateau_fraction", 1.0), ("local_sgd_warmup_steps", 100),
      ("local_sgd_warmup_steps", -1), ("outer_state_device", "cuda"), ("outer_comm_dtype", "float16"),
-     ("deepspeed", "ds_config.json"), ("fsdp", "full_shard")],
+     ("deepspeed", "ds_config.json"), ("fsdp", "full_shard"), ("pseudo_sync_prob", 1.0),
+     ("pseudo_sync_rate", 0.0), ("data_partition", "by_class")],
 )
 def test_invalid_options_name_the_field(field, value, tmp_path):
     with pytest.raises(ValueError, match=rf"^{field}: "):
