@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import sys
+import textwrap
 import time
 
 import torch
@@ -117,7 +118,7 @@ def format_table(result: dict, configured_sync_every: int | None = None, context
         "H = 1 communicates every step like DDP, but DDP overlaps its gradient all-reduce with the backward pass: a",
         "real DDP step takes between t_step and t_step + t_comm.",
         "",
-        recommendation(result),
+        textwrap.fill(recommendation(result), width=110),
     ]
     return "\n".join(lines)
 
@@ -183,7 +184,9 @@ def _parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: a prefix of a training flag (--sync_every) must not match one of these.
     parser = argparse.ArgumentParser(
         prog="hf-localsgd advise", allow_abbrev=False, description=__doc__.split("\n\n")[0],
+        usage="accelerate launch ... -m hf_localsgd.cli advise [RECIPE.yaml] [options] [hf_localsgd.train flags]",
         epilog="The recipe and every other flag are those of hf_localsgd.train (hf-localsgd train --help).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--timing_steps", type=int, default=10, help="timed repetitions of each measurement")
     parser.add_argument("--timing_warmup", type=int, default=3, help="untimed repetitions first")
@@ -219,7 +222,14 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = load_tokenizer(model_args.tokenizer_name)
     except HubUnavailableError as err:
         sys.exit(f"error: {err}")
-    config = build_model_config(model_args.model_config, vocab_size=len(tokenizer))
+    # The model hf_localsgd.train would build: the same config overrides, the same seed.
+    config = build_model_config(
+        model_args.model_config,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     set_seed(training_args.seed)
     model = build_model(config).to(device).train()
     if training_args.gradient_checkpointing:

@@ -103,6 +103,12 @@ class LocalSGDCallback(TrainerCallback):
             track_metrics=str(args.logging_strategy).rsplit(".", 1)[-1].lower() != "no",
             **{**config.engine_kwargs(), "sync_every": sync_every},
         )
+        self._lr_scheduler = getattr(kwargs.get("lr_scheduler"), "scheduler", kwargs.get("lr_scheduler"))
+        if self.engine.gain is not None and not hasattr(self._lr_scheduler, "lr_lambdas"):
+            raise RuntimeError(
+                f"lr_scaling={config.lr_scaling!r} reads the lr schedule at the scale-invariant step, which needs a "
+                f"LambdaLR schedule (Trainer's linear, cosine, constant, ...); got {type(self._lr_scheduler).__name__}"
+            )
         if state.global_step > 0:
             self._resume(args, state, model, optimizer)
         self._set_gradient_sync()
@@ -158,13 +164,26 @@ class LocalSGDCallback(TrainerCallback):
         self._restore_local_weights()
         self.pseudo_sync_step = self.engine.draw_pseudo_sync()
         self._inner_lr = optimizer.param_groups[0]["lr"]
-        scale = self.engine.inner_lr_scale
-        if not self.pseudo_sync_step and scale != 1.0:
+        lrs = self._step_lrs(optimizer)
+        if lrs is not None:  # for this step's optimizer step only; restored before the scheduler steps
             self._unscaled_lrs = [group["lr"] for group in optimizer.param_groups]
-            for group in optimizer.param_groups:
-                group["lr"] *= scale
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+
+    def _step_lrs(self, optimizer) -> list[float] | None:
+        """The inner lrs of this step where they differ from the Trainer's schedule, else None."""
+        gain = self.engine.gain
+        if gain is not None:  # (Local)AdaScale: ρ · γ(s), the schedule read at the scale-invariant step
+            step = int(gain.scale_invariant_step)
+            scheduler = self._lr_scheduler
+            return [gain.rho * base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        if not self.pseudo_sync_step and self.engine.inner_lr_scale != 1.0:  # PALSGD: α_t / (1 - p)
+            return [group["lr"] * self.engine.inner_lr_scale for group in optimizer.param_groups]
+        return None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.engine.wants_gradients:
+            self.engine.cache_gradients()
         if self.pseudo_sync_step:
             # No gradient step: torch optimizers skip parameters without a gradient (no moment update, no
             # weight decay). LocalSGDTrainer did not even compute them; another trainer did, and they are dropped.
@@ -180,6 +199,8 @@ class LocalSGDCallback(TrainerCallback):
         if self.pseudo_sync_step:
             self.engine.pseudo_sync(self._inner_lr)
         synced = self.engine.step()
+        if self.engine.gain is not None and self.engine.gain.scale_invariant_step >= state.max_steps:
+            control.should_training_stop = True  # the base-case budget, in scale-invariant steps, is spent
         if state.global_step >= state.max_steps or control.should_training_stop:
             # Training ends with the global model: synchronize the partial round.
             synced = self.engine.sync() or synced
@@ -212,7 +233,10 @@ class LocalSGDCallback(TrainerCallback):
     def _log_round(self) -> None:
         """One log entry per outer sync, through Trainer.log, so every `report_to` integration gets it."""
         if self.engine.last_metrics and self.trainer is not None:
+            # Trainer.log's on_log clears control.should_log, which would drop this step's training loss.
+            should_log = self.trainer.control.should_log
             self.trainer.log({f"local_sgd/{key}": value for key, value in self.engine.last_metrics.items()})
+            self.trainer.control.should_log = should_log
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def _before_trainer_io(self, args, state, control, optimizer) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .adascale import LR_SCALINGS
 from .engine import COMM_DTYPES
 from .outer import OUTER_DEFAULTS, OUTER_LR_SCHEDULERS, OUTER_OPTIMIZERS
 from .partition import DATA_PARTITIONS
@@ -107,6 +108,25 @@ class LocalSGDArguments:
         default=1.0,
         metadata={"help": "PALSGD's mixing rate η: a pseudo-synchronization moves x_k by (lr · η / p)(x - x_k)."},
     )
+    lr_scaling: str = field(
+        default="none",
+        metadata={
+            "help": "Scale the inner lr by the gain ratio ρ of seed 004: 'adascale' (Eq. 49 with c = 0) or "
+            "'local_adascale' (c = 1, Eq. 14), from the gradient noise of each round's first gradients, "
+            "all-reduced with the next outer step (doubling its bytes, not its latency). The lr schedule is "
+            "read at the scale-invariant step s (s += ρ per step), and training ends when s reaches max_steps.",
+            "choices": list(LR_SCALINGS),
+        },
+    )
+    lr_scaling_c: float | None = field(
+        default=None,
+        metadata={"help": "The interpolation constant c of seed 004 Eq. 49, in [0, 1]: 0 is AdaScale, 1 is "
+                          "LocalAdaScale. Default: per lr_scaling."},
+    )
+    lr_scaling_ema: float = field(
+        default=0.9,
+        metadata={"help": "Exponential moving average factor smoothing the σ² and G estimates (0: none)."},
+    )
     data_partition: str = field(
         default="iid",
         metadata={
@@ -193,6 +213,14 @@ class LocalSGDArguments:
         if self.pseudo_sync_prob > 0 and getattr(self, "fp16", False):
             fail("pseudo_sync_prob", "PALSGD skips the gradients of pseudo-synchronization steps, which fp16's "
                  "gradient scaler cannot step without; use bf16")
+        if self.lr_scaling not in LR_SCALINGS:
+            fail("lr_scaling", f"must be one of {LR_SCALINGS}, got {self.lr_scaling!r}")
+        if self.lr_scaling_c is not None and not 0 <= self.lr_scaling_c <= 1:
+            fail("lr_scaling_c", f"must be in [0, 1], got {self.lr_scaling_c}")
+        if not 0 <= self.lr_scaling_ema < 1:
+            fail("lr_scaling_ema", f"must be in [0, 1), got {self.lr_scaling_ema}")
+        if self.lr_scaling != "none" and self.pseudo_sync_prob > 0:
+            fail("lr_scaling", "is not combined with PALSGD (pseudo_sync_prob > 0): both set the inner lr")
         if self.data_partition not in DATA_PARTITIONS:
             fail("data_partition", f"must be one of {DATA_PARTITIONS}, got {self.data_partition!r}")
         if self.outer_state_device not in ("model", "cpu"):
@@ -229,6 +257,9 @@ class LocalSGDArguments:
             warmup_steps=self.local_sgd_warmup_steps,
             pseudo_sync_prob=self.pseudo_sync_prob,
             pseudo_sync_rate=self.pseudo_sync_rate,
+            lr_scaling=self.lr_scaling,
+            lr_scaling_c=self.lr_scaling_c,
+            lr_scaling_ema=self.lr_scaling_ema,
             state_device=self.outer_state_device,
             comm_dtype=self.outer_comm_dtype,
         )

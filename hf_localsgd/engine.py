@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .adascale import LR_SCALINGS, GainRatio
 from .outer import OUTER_DEFAULTS, OUTER_LR_SCHEDULERS, ScheduleFreeSGD, build_outer_optimizer, build_outer_scheduler
 
 
@@ -64,6 +65,11 @@ class RoundEngine:
             toward this rank's copy of the global model instead of a gradient step (0 disables PALSGD).
         pseudo_sync_rate: PALSGD's mixing rate η.
         seed: seeds each rank's pseudo-synchronization draws (with the rank: reproducible, different per rank).
+        lr_scaling: ``"none"``, ``"adascale"`` or ``"local_adascale"`` (seed 004): estimate the gradient noise
+            from each round's first gradients (``cache_gradients``, all-reduced with the next outer step) and
+            keep the gain ratio ``gain.rho`` and the scale-invariant step for the caller to scale the inner lr.
+        lr_scaling_c: the interpolation constant c of Eq. 49 (default 1 for local_adascale, 0 for adascale).
+        lr_scaling_ema: smoothing of the σ² and G estimates (0: no smoothing).
         track_metrics: measure each sync (``last_metrics``): outer-gradient norm, replica drift, cosine
             similarity of the replicas' outer gradients, time and bytes. It adds one float to the outer
             all-reduce (no extra collective) and two reductions over the flat buffer; off, it costs nothing.
@@ -88,6 +94,9 @@ class RoundEngine:
         pseudo_sync_prob: float = 0.0,
         pseudo_sync_rate: float = 1.0,
         seed: int = 0,
+        lr_scaling: str = "none",
+        lr_scaling_c: float | None = None,
+        lr_scaling_ema: float = 0.9,
         track_metrics: bool = False,
     ):
         if not callable(sync_every) and sync_every < 1:
@@ -108,6 +117,8 @@ class RoundEngine:
             raise ValueError(f"pseudo_sync_prob must be in [0, 1), got {pseudo_sync_prob}")
         if pseudo_sync_rate <= 0:
             raise ValueError(f"pseudo_sync_rate must be > 0, got {pseudo_sync_rate}")
+        if lr_scaling not in LR_SCALINGS:
+            raise ValueError(f"lr_scaling must be one of {LR_SCALINGS}, got {lr_scaling!r}")
 
         params = model.parameters() if isinstance(model, nn.Module) else model
         self.params = [p for p in params if p.requires_grad]
@@ -132,6 +143,11 @@ class RoundEngine:
         rank = dist.get_rank() if dist.is_initialized() else 0
         self._draws = torch.Generator().manual_seed(pseudo_sync_seed(seed, rank))
         self.pseudo_syncs_in_round = 0
+        self.gain: GainRatio | None = None
+        if lr_scaling != "none":
+            c = (1.0 if lr_scaling == "local_adascale" else 0.0) if lr_scaling_c is None else lr_scaling_c
+            self.gain = GainRatio(self.world_size, c, lr_scaling_ema)
+        self._grad_cache: torch.Tensor | None = None  # this round's first gradients, then ‖g_k‖²
         self.last_metrics: dict[str, float] = {}
         self.bytes_sent = 0.0  # by this rank, outer syncs and warm-up gradient all-reduces
 
@@ -182,6 +198,8 @@ class RoundEngine:
     def step(self) -> bool:
         """Count one inner optimizer step; run the outer step when the round is complete. Returns whether
         a synchronization happened."""
+        if self.gain is not None:  # the step just taken counted for ρ base steps (1 while synchronous)
+            self.gain.scale_invariant_step += 1.0 if self.in_warmup else self.gain.rho
         self.num_steps += 1
         if self.num_steps <= self.warmup_steps:
             self.bytes_sent += self._ring_bytes(self._gradient_bytes)  # DDP's gradient all-reduce
@@ -203,13 +221,19 @@ class RoundEngine:
         if self.inner_step == 0 or self.in_warmup:
             return False
         started, outer_lr = time.perf_counter(), self.outer_lr
-        delta, mean_sq_norm = self._outer_gradient()
+        payload = self._sync_payload_bytes + (0 if self._grad_cache is None else self._grad_cache.numel() * 4)
+        delta, tail = self._outer_gradient()
+        mean_sq_norm = tail[0].item() if self.track_metrics else None
+        if self._grad_cache is not None:  # last round's first gradients, averaged by the same all-reduce
+            mean_grad, mean_sq_grad = tail[int(self.track_metrics) : -1], tail[-1].item()
+            self.gain.update(mean_sq_grad, mean_grad.dot(mean_grad).item(), self.sync_every)
+            self._grad_cache = None
         self.global_params.grad = delta
         self.outer_optimizer.step()
         self.outer_scheduler.step()
         self.global_params.grad = None
         self._copy_to_model(self.global_params)
-        self.bytes_sent += self._ring_bytes(self._sync_payload_bytes)
+        self.bytes_sent += self._ring_bytes(payload)
         self.inner_step = 0
         self.num_syncs += 1
         if self.track_metrics:
@@ -251,28 +275,50 @@ class RoundEngine:
             torch._foreach_lerp_([p.data for p in params], targets, weight)
         self.pseudo_syncs_in_round += 1
 
-    def _outer_gradient(self) -> tuple[torch.Tensor, float | None]:
+    def _outer_gradient(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Δ = mean_k (x_r - x_k) as one flat float32 tensor on the state device (one collective per bucket),
-        and, with metrics on, mean_k ‖Δ_k‖²: the last bucket carries ‖Δ_k‖² as one more element, so the same
-        all-reduce averages it."""
+        and the tail the last bucket carried through the same all-reduce: with metrics on, ‖Δ_k‖² (so the
+        mean of the replicas' squared norms comes back); with lr scaling, the cached gradients and ‖g_k‖²."""
         extra = int(self.track_metrics)
-        delta = torch.empty(self.numel + extra, dtype=torch.float32, device=self.state_device)
+        cache = self._grad_cache
+        tail = extra + (0 if cache is None else cache.numel())
+        delta = torch.empty(self.numel + tail, dtype=torch.float32, device=self.state_device)
         on_model_device = self.state_device == self.device
         sq_norm = None
         for start, end, params in self._buckets:
-            stop = end + (extra if end == self.numel else 0)
+            last = end == self.numel
+            stop = end + (tail if last else 0)
             buf = delta[start:stop] if on_model_device else torch.empty(stop - start, device=self.device)
             body = buf[: end - start]
-            torch._foreach_copy_(self._views(body, start, end), [p.detach() for p in params])
-            torch.sub(self.global_params[start:end].to(self.device, non_blocking=True), body, out=body)
+            global_ = self.global_params[start:end].to(self.device, non_blocking=True)
+            # x_r - x_k straight into the flat buffer: one pass per parameter, no flat copy of x_k first.
+            for g, p, d in zip(self._views(global_, start, end), params, self._views(body, start, end)):
+                torch.sub(g, p.detach(), out=d)
             if extra:
                 sq_norm = body.dot(body) if sq_norm is None else sq_norm + body.dot(body)
-                if stop > end:
-                    buf[-1] = sq_norm
+            if last and extra:
+                buf[end - start] = sq_norm
+            if last and cache is not None:
+                buf[end - start + extra :].copy_(cache)
             self._all_reduce_mean(buf)
             if not on_model_device:
                 delta[start:stop].copy_(buf)
-        return delta[: self.numel], (delta[-1].item() if extra else None)
+        return delta[: self.numel], delta[self.numel :]
+
+    @property
+    def wants_gradients(self) -> bool:
+        """Whether the gradients of the step in progress are the first of a round, for lr scaling."""
+        return (self.gain is not None and self.world_size > 1 and not self.in_warmup and self.inner_step == 0
+                and self._grad_cache is None)
+
+    @torch.no_grad()
+    def cache_gradients(self) -> None:
+        """Keep this replica's gradients (and ‖g_k‖²) until the next outer all-reduce carries them."""
+        cache = torch.zeros(self.numel + 1, dtype=torch.float32, device=self.device)
+        grads = [(v, p.grad) for v, p in zip(self._views(cache, 0, self.numel), self.params) if p.grad is not None]
+        torch._foreach_copy_([v for v, _ in grads], [g for _, g in grads])
+        cache[-1] = cache[:-1].dot(cache[:-1])
+        self._grad_cache = cache
 
     def _ring_bytes(self, payload_bytes: float) -> float:
         """Bytes one rank sends in a ring all-reduce of ``payload_bytes`` (reduce-scatter + all-gather)."""
@@ -295,6 +341,11 @@ class RoundEngine:
             "bytes_total": self.bytes_sent,
             "ddp_bytes_total": ddp_bytes,
         }
+        if self.gain is not None:
+            metrics["gain_ratio"] = self.gain.rho
+            metrics["scale_invariant_step"] = self.gain.scale_invariant_step
+            if self.gain.sigma2 is not None:
+                metrics["sigma2"], metrics["G"] = self.gain.sigma2, self.gain.G
         if self.pseudo_sync_prob > 0:
             metrics["pseudo_syncs"] = self.pseudo_syncs_in_round  # this rank's, in the round just ended
         if ddp_bytes > 0:
@@ -414,6 +465,8 @@ class RoundEngine:
             "bytes_sent": self.bytes_sent,
             "pseudo_syncs_in_round": self.pseudo_syncs_in_round,
             "pseudo_sync_draws": self._draws.get_state(),
+            "gain": None if self.gain is None else self.gain.state_dict(),
+            "grad_cache": self._grad_cache,
             "global_params": self.global_params,
             "outer_optimizer": self.outer_optimizer.state_dict(),
             "outer_scheduler": self.outer_scheduler.state_dict(),
@@ -436,6 +489,10 @@ class RoundEngine:
         self.bytes_sent = state["bytes_sent"]
         self.pseudo_syncs_in_round = state["pseudo_syncs_in_round"]
         self._draws.set_state(state["pseudo_sync_draws"])
+        if self.gain is not None:
+            self.gain.load_state_dict(state["gain"])
+        cache = state["grad_cache"]
+        self._grad_cache = None if cache is None else cache.to(self.device)
         self.global_params.copy_(state["global_params"])
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
         self.outer_scheduler.load_state_dict(state["outer_scheduler"])

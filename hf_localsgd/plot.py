@@ -9,10 +9,10 @@ Needs matplotlib (`pip install "hf_localsgd[plot]"`). A run directory is a Train
 drawn after the fact, on another machine, with no model or data. Each run is labelled with its directory name.
 
 - `loss_vs_steps.png`: training loss (lines) and held-out `eval_loss` (markers) against the optimizer step.
-- `loss_vs_bytes.png`: the same losses against the bytes one rank has sent so far (log scale), the axis on
-  which local SGD and DiLoCo beat data-parallel training. A local-SGD run's bytes are its logged
+- `loss_vs_bytes.png`: the same losses against the bytes one rank has sent so far (log scale): what a
+  loss costs in communication, where local SGD's savings show. A local-SGD run's bytes are its logged
   `local_sgd/bytes_total` (warm-up gradient all-reduces included); a run that logged none, e.g.
-  `--trainer ddp`, is taken to be data-parallel and to send the same every step (see `ddp_bytes_per_step`).
+  `--trainer ddp`, is taken to be data-parallel and to send the same every step (see `resolve_ddp_bytes`).
 - `cosine_drift.png`: `local_sgd/cosine_similarity` (mean pairwise cosine between replicas' outer gradients)
   and `local_sgd/drift` (mean squared distance of the replicas to their average before a sync) against the
   step; only written when some run logged them.
@@ -21,8 +21,11 @@ drawn after the fact, on another machine, with no model or data. Each run is lab
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import itertools
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,21 @@ COSINE = "local_sgd/cosine_similarity"
 DRIFT = "local_sgd/drift"
 FIGSIZE = (6.4, 4.0)
 DPI = 100  # with FIGSIZE, a figure of a few runs is a 30-60 KB PNG
+
+
+@dataclass
+class Run:
+    """One run to draw: its directory, legend label, `log_history`, and what data-parallel training sends
+    per step for it (bytes; `None` when unknown)."""
+
+    dir: Path
+    label: str
+    history: list[dict]
+    ddp_bytes_per_step: float | None = None
+
+    @property
+    def logged_bytes(self) -> bool:
+        return any(BYTES_TOTAL in entry for entry in self.history)
 
 
 def find_state_file(run_dir: Path) -> Path:
@@ -118,41 +136,69 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
     return [str(p) for p in run_dirs]
 
 
-def _plot_losses(ax, runs, x_of) -> bool:
+def resolve_ddp_bytes(runs: list[Run], num_params: int | None = None) -> list[str]:
+    """Set each run's `ddp_bytes_per_step`; returns one note per run that logged no bytes.
+
+    A local-SGD run logged it. A run that logged no bytes (`--trainer ddp`) is taken to be data-parallel; its
+    rate is, in order: 4 B x `num_params` when given; the rate a compared local-SGD run logged (exact when
+    the runs train the same model on as many ranks, which is what comparing them is for); 4 B x the
+    parameters counted from its config.json.
+    """
+    notes = []
+    for run in runs:
+        run.ddp_bytes_per_step = logged_ddp_bytes_per_step(run.history)
+    compared = next((run.ddp_bytes_per_step for run in runs if run.ddp_bytes_per_step), None)
+    for run in runs:
+        if run.logged_bytes:
+            continue
+        if compared is not None and num_params is None:
+            run.ddp_bytes_per_step, source = compared, "the DDP bytes a compared local-SGD run logged"
+        else:
+            run.ddp_bytes_per_step, source = model_ddp_bytes_per_step(run.dir, num_params), "4 B x parameters"
+        if run.ddp_bytes_per_step is None:
+            notes.append(f"{run.label}: no local_sgd/bytes_total logged and no config.json to count parameters: "
+                         "left out of loss_vs_bytes.png (pass --params N)")
+        else:
+            notes.append(f"{run.label}: no local_sgd/bytes_total logged, plotted as data-parallel: "
+                         f"{run.ddp_bytes_per_step:,.0f} bytes per step ({source})")
+    return notes
+
+
+def _plot_losses(ax, runs: list[Run], x_of) -> bool:
     """Training loss as a line and eval loss as markers, one colour per run; `x_of(run, steps)` maps steps
     to the x axis (or returns None to leave the run out). Returns whether anything was drawn."""
     drawn = False
     for color, run in zip(_colors(), runs):
         for key, style in (("loss", {"lw": 1.2}), ("eval_loss", {"marker": "o", "ls": "--", "ms": 4})):
-            steps, values = series(run["history"], key)
+            steps, values = series(run.history, key)
             x = x_of(run, steps) if len(steps) else None
             if x is None:
                 continue
-            label = run["label"] if key == "loss" else f"{run['label']} (eval)"
-            ax.plot(x, values, color=color, label=label, **style)
+            ax.plot(x, values, color=color, label=run.label if key == "loss" else f"{run.label} (eval)", **style)
             drawn = True
     return drawn
 
 
 def _colors():
+    # One colour per run, the same in every figure.
     from matplotlib import rcParams
 
-    return rcParams["axes.prop_cycle"].by_key()["color"] * 4
+    return itertools.cycle(rcParams["axes.prop_cycle"].by_key()["color"])
 
 
 def _new_figure(rows: int = 1):
     # Figure without pyplot: no global state, no GUI backend; savefig renders with Agg.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * (1 + 0.5 * (rows - 1))), dpi=DPI, layout="constrained")
-    return fig, fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps; the bytes figure replaces it
+    return fig, axes
 
 
-def plot_runs(runs: list[dict], out_dir: str | Path) -> list[Path]:
-    """Write the figures for `runs` (dicts with `label`, `history` and `ddp_bytes_per_step`) into `out_dir`;
-    returns the paths written."""
-    from matplotlib.ticker import EngFormatter
-
+def plot_runs(runs: list[Run], out_dir: str | Path) -> list[Path]:
+    """Write the figures for `runs` into `out_dir`; returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -169,32 +215,46 @@ def plot_runs(runs: list[dict], out_dir: str | Path) -> list[Path]:
     save(fig, "loss_vs_steps.png")
 
     fig, (ax,) = _new_figure()
-    if _plot_losses(ax, runs, lambda run, steps: _positive(cumulative_bytes(run["history"], steps,
-                                                                            run["ddp_bytes_per_step"]))):
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
+    if _plot_losses(ax, runs, lambda run, steps: _positive(cumulative_bytes(run.history, steps,
+                                                                            run.ddp_bytes_per_step))):
+        _bytes_axis(ax.xaxis)
         ax.set(xlabel="bytes sent per rank (cumulative)", ylabel="loss", title="Loss against communication")
         ax.legend(fontsize="small")
         save(fig, "loss_vs_bytes.png")
 
-    tracked = [(color, run) for color, run in zip(_colors(), runs) if any(DRIFT in e or COSINE in e
-                                                                         for e in run["history"])]
+    tracked = [(color, run) for color, run in zip(_colors(), runs)
+               if any(DRIFT in entry or COSINE in entry for entry in run.history)]
     if tracked:
         fig, (ax_cos, ax_drift) = _new_figure(rows=2)
         for color, run in tracked:
             for ax, key in ((ax_cos, COSINE), (ax_drift, DRIFT)):
-                steps, values = series(run["history"], key)
+                steps, values = series(run.history, key)
                 if len(steps):
-                    ax.plot(steps, values, color=color, marker=".", label=run["label"])
+                    ax.plot(steps, values, color=color, marker=".", label=run.label)
         ax_cos.set(ylabel="cosine similarity", title="Replicas' outer gradients at each sync")
         ax_cos.axhline(0, color="0.7", lw=0.8)
-        _, drifts = zip(*[series(run["history"], DRIFT) for _, run in tracked])
+        drifts = [series(run.history, DRIFT)[1] for _, run in tracked]
         if all(len(d) and (d > 0).all() for d in drifts):
-            ax_drift.set_yscale("log")  # drift shrinks by orders of magnitude as the loss flattens
+            ax_drift.set_yscale("log")  # drift scales with the inner learning rate and H: orders of magnitude
         ax_drift.set(xlabel="optimizer step", ylabel="drift (mean ‖x_k − x̄‖²)")
         ax_cos.legend(fontsize="small")
         save(fig, "cosine_drift.png")
     return written
+
+
+def _bytes_axis(axis) -> None:
+    """Log scale (runs differ by up to a factor H), labelled in B / kB / MB; over less than two decades,
+    also at 2x and 5x, else a short run would show one or no labelled tick."""
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+
+    axis.axes.set_xscale("log")
+    axis.set_major_formatter(EngFormatter(unit="B"))
+    low, high = axis.axes.dataLim.intervalx
+    if np.log10(high / low) < 2:
+        axis.set_minor_locator(LogLocator(subs=(2, 5)))
+        axis.set_minor_formatter(EngFormatter(unit="B"))
+    else:
+        axis.set_minor_formatter(NullFormatter())
 
 
 def _positive(x: np.ndarray | None) -> np.ndarray | None:
@@ -220,36 +280,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = _parser()
     args = parser.parse_args(argv)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         parser.error('needs matplotlib: pip install "hf_localsgd[plot]"')
     run_dirs = [Path(args.run_dir), *map(Path, args.compare)]
     runs = []
     for run_dir, label in zip(run_dirs, run_labels(run_dirs)):
         try:
-            runs.append({"dir": run_dir, "label": label, "history": load_history(run_dir)})
+            runs.append(Run(run_dir, label, load_history(run_dir)))
         except (OSError, ValueError, KeyError) as err:
             parser.error(f"cannot read the logs of {run_dir}: {err}")
-
-    # Runs that logged no bytes were data-parallel. What DDP sends per step is best taken from a compared
-    # local-SGD run of the same model and world size (the engine logs it); else from the model's size.
-    logged = next(filter(None, (logged_ddp_bytes_per_step(run["history"]) for run in runs)), None)
-    for run in runs:
-        run["ddp_bytes_per_step"] = logged_ddp_bytes_per_step(run["history"])
-        if any(BYTES_TOTAL in e for e in run["history"]):
-            continue
-        if args.params is not None or logged is None:
-            run["ddp_bytes_per_step"] = model_ddp_bytes_per_step(run["dir"], args.params)
-            source = "4 B x parameters"
-        else:
-            run["ddp_bytes_per_step"], source = logged, "the DDP bytes a compared local-SGD run logged"
-        if run["ddp_bytes_per_step"] is None:
-            print(f"{run['label']}: no local_sgd/bytes_total logged and no config.json to count parameters: "
-                  "left out of loss_vs_bytes.png (pass --params N)", file=sys.stderr)
-        else:
-            print(f"{run['label']}: no local_sgd/bytes_total logged, plotted as data-parallel: "
-                  f"{run['ddp_bytes_per_step']:,.0f} bytes per step ({source})", file=sys.stderr)
+    for note in resolve_ddp_bytes(runs, args.params):
+        print(note, file=sys.stderr)
 
     written = plot_runs(runs, args.out or run_dirs[0] / "plots")
     for path in written:

@@ -217,12 +217,14 @@ def scenario_ddp_equivalence(out_dir: str) -> dict:
     }
 
 
-def scenario_resume(out_dir: str, outer_optimizer: str = "schedule_free", pseudo_sync_prob: str = "0") -> dict:
+def scenario_resume(out_dir: str, outer_optimizer: str = "schedule_free", pseudo_sync_prob: str = "0",
+                    lr_scaling: str = "none") -> dict:
     def run(resume_from=None, output="full"):
         args = LocalSGDConfig(
             **common_args(os.path.join(out_dir, output), max_steps=12, save_strategy="steps", save_steps=5,
                           save_total_limit=2, max_grad_norm=1.0),
             sync_every=4, outer_optimizer=outer_optimizer, pseudo_sync_prob=float(pseudo_sync_prob),
+            lr_scaling=lr_scaling,
         )
         trainer = LocalSGDTrainer(model=tiny_model(dropout=0.1), args=args, train_dataset=dataset())
         trainer.train(resume_from_checkpoint=resume_from)
@@ -230,7 +232,10 @@ def scenario_resume(out_dir: str, outer_optimizer: str = "schedule_free", pseudo
         return digest(flat_params(trainer.model)), digest(engine.global_params), engine.num_syncs
 
     full = run()
-    checkpoint = os.path.join(out_dir, "full", "checkpoint-10")  # step 10 of H = 4: mid-round
+    # The first checkpoint left (save_total_limit=2) that falls mid-round (H = 4): checkpoint-10, or
+    # checkpoint-5 when lr scaling ends training early, at its scale-invariant budget.
+    steps = sorted(int(name.split("-")[1]) for name in os.listdir(os.path.join(out_dir, "full")) if name.startswith("checkpoint-"))
+    checkpoint = os.path.join(out_dir, "full", f"checkpoint-{next(s for s in steps if s % 4)}")
     resumed = run(resume_from=checkpoint, output="resumed")
     return {
         "full": full,
@@ -383,6 +388,49 @@ def scenario_partition(out_dir: str) -> dict:
     trainer.train()
     return {"classes_seen": seen, "class_counts": torch.bincount(classes, minlength=4).tolist(),
             "steps": trainer.state.global_step}
+
+
+class GradientProbe(TrainerCallback):
+    """After LocalSGDCallback: at the first step of each round, the gradient statistics of Eq. 15 computed
+    directly from all ranks' gradients; at every step, the lr the optimizer uses and the scale-invariant step."""
+
+    def __init__(self, trainer):
+        self.trainer, self.stats, self.lrs = trainer, [], []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        engine = self.trainer.local_sgd.engine
+        self.lrs.append((self.trainer.optimizer.param_groups[0]["lr"], engine.gain.scale_invariant_step,
+                         engine.gain.rho))
+        if engine.inner_step != 0:
+            return
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).double()
+        gathered = [torch.empty_like(g) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, g)
+        k = len(gathered)
+        mean = torch.stack(gathered).mean(0)
+        sigma2 = sum(x.pow(2).sum() for x in gathered) / (k - 1) - k / (k - 1) * mean.pow(2).sum()
+        self.stats.append({"sigma2": sigma2.item(), "G": (mean.pow(2).sum() - sigma2 / k).item()})
+
+
+def scenario_adascale(out_dir: str) -> dict:
+    """LocalAdaScale with no smoothing, H = 3, a linear lr decay over a budget of 12 scale-invariant steps."""
+    args = LocalSGDConfig(
+        **common_args(out_dir, max_steps=12, learning_rate=0.01, lr_scheduler_type="linear", max_grad_norm=0.0,
+                      logging_steps=100, per_device_train_batch_size=2),
+        sync_every=3, outer_optimizer="average", lr_scaling="local_adascale", lr_scaling_ema=0.0,
+    )
+    trainer = LocalSGDTrainer(model=tiny_model(), args=args, train_dataset=dataset())
+    probe = GradientProbe(trainer)
+    trainer.add_callback(probe)
+    trainer.train()
+    return {
+        "stats": probe.stats,
+        "lrs": probe.lrs,
+        "round_logs": [log for log in trainer.state.log_history if "local_sgd/round" in log],
+        "global_step": trainer.state.global_step,
+        "scale_invariant_step": trainer.local_sgd.engine.gain.scale_invariant_step,
+        "base_lr": 0.01,
+    }
 
 
 def main() -> None:

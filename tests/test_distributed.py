@@ -79,6 +79,15 @@ def test_resume_mid_round_is_bit_exact(tmp_path):
     assert {"local_sgd_rank0.pt", "local_sgd_rank1.pt"} <= set(r0["checkpoint_files"])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("outer,lr_scaling", [("nesterov", "local_adascale"), ("average", "adascale")])
+def test_resume_mid_round_is_bit_exact_with_lr_scaling(tmp_path, outer, lr_scaling):
+    """The gradients cached at a round's start and the gain-ratio state survive a mid-round checkpoint."""
+    r0, r1 = run_worker("resume", tmp_path, outer, "0", lr_scaling)
+    for r in (r0, r1):
+        assert r["resumed"] == r["full"]
+
+
 def test_push_to_hub_pushes_global_model(tmp_path):
     with HubStub() as hub:
         out = tmp_path / "run"
