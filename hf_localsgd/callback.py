@@ -20,12 +20,15 @@ gradients under the outer optimizer.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import LocalSGDArguments
@@ -66,6 +69,10 @@ class LocalSGDCallback(TrainerCallback):
         self.pseudo_sync_step = False
         self._inner_lr = 0.0
         self._unscaled_lrs: list[float] | None = None
+        self._step_seconds: float | None = None  # moving average, for the progress bar's time to the next sync
+        self._step_started = 0.0
+        self._train_started = 0.0
+        self._progress: ProgressCallback | None = None
 
     @classmethod
     def attach(cls, trainer, config: LocalSGDArguments | None = None, process_group=None) -> "LocalSGDCallback":
@@ -83,6 +90,9 @@ class LocalSGDCallback(TrainerCallback):
                 "LocalSGDCallback needs the local-SGD options: pass LocalSGDCallback(LocalSGDArguments(...)) "
                 f"or train with a LocalSGDConfig; got args of type {type(args).__name__}"
             )
+        self._train_started = time.perf_counter()
+        handler = getattr(self.trainer, "callback_handler", None)
+        self._progress = next((cb for cb in handler.callbacks if isinstance(cb, ProgressCallback)), None) if handler else None
         self._check_supported(args)
         self._ddp = self._find_ddp(model)
         if self._ddp is not None and getattr(args, "average_tokens_across_devices", False):
@@ -161,6 +171,7 @@ class LocalSGDCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ the round
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self._step_started = time.perf_counter()
         self._restore_local_weights()
         self.pseudo_sync_step = self.engine.draw_pseudo_sync()
         self._inner_lr = optimizer.param_groups[0]["lr"]
@@ -207,7 +218,23 @@ class LocalSGDCallback(TrainerCallback):
         if synced:
             self._log_round()
         self._set_gradient_sync()
+        self._show_progress(state)
         self._before_trainer_io(args, state, control, optimizer)
+
+    def _show_progress(self, state) -> None:
+        """The round and the time to the next sync, on the Trainer's progress bar (main process)."""
+        seconds = time.perf_counter() - self._step_started
+        self._step_seconds = seconds if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * seconds
+        bar = getattr(self._progress, "training_bar", None)
+        if bar is None or not state.is_world_process_zero:
+            return
+        engine = self.engine
+        if engine.in_warmup:
+            bar.set_postfix_str(f"warm-up {engine.num_steps}/{engine.warmup_steps}", refresh=False)
+        else:
+            left = engine.sync_every - engine.inner_step
+            bar.set_postfix_str(f"round {engine.num_syncs + 1}, sync in {left} steps "
+                                f"({left * self._step_seconds:.1f}s)", refresh=False)
 
     def on_epoch_end(self, args, state, control, optimizer=None, **kwargs):
         self._before_trainer_io(args, state, control, optimizer)
@@ -229,6 +256,27 @@ class LocalSGDCallback(TrainerCallback):
             self.engine.load_params(self.engine.global_model_params())
         if self._ddp is not None:
             self._ddp.require_backward_grad_sync = True
+        if state.is_world_process_zero:
+            print(self.summary(state))
+
+    def summary(self, state) -> str:
+        """A few lines on what training communicated, for the end of training."""
+        engine, total = self.engine, time.perf_counter() - self._train_started
+        ddp_bytes = engine.num_steps * engine._ring_bytes(engine._gradient_bytes)
+        lines = [
+            f"Local SGD: {engine.num_syncs} outer syncs over {engine.num_steps} steps "
+            f"({engine.world_size} replicas, {engine.outer_optimizer_name}, H={engine.sync_every})",
+            f"  sent per rank: {engine.bytes_sent / 1e6:.1f} MB"
+            + (f" ({engine.bytes_sent / ddp_bytes:.1%} of data-parallel training's)" if ddp_bytes else ""),
+            f"  time in outer syncs: {engine.seconds_in_sync:.1f}s of {total:.1f}s "
+            f"({engine.seconds_in_sync / max(total, 1e-9):.1%}); the rest is computation and Trainer's own work",
+        ]
+        evaluation = next((log for log in reversed(state.log_history) if "eval_loss" in log), None)
+        if evaluation is not None:
+            ppl = evaluation.get("eval_perplexity", math.exp(min(evaluation["eval_loss"], 700)))
+            lines.append(f"  last evaluation (step {evaluation['step']}): loss {evaluation['eval_loss']:.4f}, "
+                         f"perplexity {ppl:.2f}")
+        return "\n".join(lines)
 
     def _log_round(self) -> None:
         """One log entry per outer sync, through Trainer.log, so every `report_to` integration gets it."""

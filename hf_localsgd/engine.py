@@ -150,6 +150,7 @@ class RoundEngine:
         self._grad_cache: torch.Tensor | None = None  # this round's first gradients, then ‖g_k‖²
         self.last_metrics: dict[str, float] = {}
         self.bytes_sent = 0.0  # by this rank, outer syncs and warm-up gradient all-reduces
+        self.seconds_in_sync = 0.0  # host wall-clock time inside sync(), every round
 
         # Position in training: calls of step(), inner steps since the last sync, and syncs done.
         self.num_steps = 0
@@ -236,6 +237,7 @@ class RoundEngine:
         self.bytes_sent += self._ring_bytes(payload)
         self.inner_step = 0
         self.num_syncs += 1
+        self.seconds_in_sync += time.perf_counter() - started
         if self.track_metrics:
             self.last_metrics = self._round_metrics(delta, mean_sq_norm, outer_lr, started)
         self.pseudo_syncs_in_round = 0
@@ -463,6 +465,7 @@ class RoundEngine:
             "inner_step": self.inner_step,
             "num_syncs": self.num_syncs,
             "bytes_sent": self.bytes_sent,
+            "seconds_in_sync": self.seconds_in_sync,
             "pseudo_syncs_in_round": self.pseudo_syncs_in_round,
             "pseudo_sync_draws": self._draws.get_state(),
             "gain": None if self.gain is None else self.gain.state_dict(),
@@ -487,6 +490,7 @@ class RoundEngine:
         self.num_syncs = state["num_syncs"]
         self.sync_every = state["sync_every"]
         self.bytes_sent = state["bytes_sent"]
+        self.seconds_in_sync = state["seconds_in_sync"]
         self.pseudo_syncs_in_round = state["pseudo_syncs_in_round"]
         self._draws.set_state(state["pseudo_sync_draws"])
         if self.gain is not None:

@@ -1,9 +1,10 @@
 """Held-out perplexity as a `Trainer` metric, computed from the evaluation logits, with no download.
 
 `evaluate.load("perplexity")` fetches its script from the Hub and scores text with a *separately loaded*
-model, so it neither works offline nor measures the model being trained. The two functions below do the
-same arithmetic (exp of the mean negative log-likelihood per predicted token) inside `Trainer.evaluate`, so
-`eval_perplexity` sits next to `eval_loss` in the logs, in `eval_results.json` and in the model card:
+model, so it neither works offline nor measures the model being trained. `TokenPerplexity` is an `evaluate`
+metric defined here instead (exp of the mean negative log-likelihood per predicted token), fed by the two
+functions below inside `Trainer.evaluate`, so `eval_perplexity` sits next to `eval_loss` in the logs, in
+`eval_results.json` and in the model card:
 
     Trainer(..., preprocess_logits_for_metrics=token_nll, compute_metrics=perplexity)
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+import datasets
+import evaluate
 import numpy as np
 import torch
 from torch.nn import functional as F
@@ -32,8 +35,24 @@ def token_nll(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tenso
     return torch.stack([nll.sum(dim=1), (labels != -100).sum(dim=1).float()], dim=1)
 
 
+class TokenPerplexity(evaluate.Metric):
+    """Perplexity from per-sequence sums of token negative log-likelihoods and counts of predicted tokens."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="exp(total negative log-likelihood / total predicted tokens) of the evaluated model",
+            citation="",
+            inputs_description="nll: per-sequence sums of token NLLs; tokens: per-sequence predicted tokens",
+            features=datasets.Features({"nll": datasets.Value("float64"), "tokens": datasets.Value("float64")}),
+        )
+
+    def _compute(self, nll, tokens) -> dict[str, float]:
+        mean_nll = float(np.sum(nll)) / max(float(np.sum(tokens)), 1.0)
+        return {"perplexity": math.exp(mean_nll) if mean_nll < 700 else math.inf}
+
+
 def perplexity(eval_prediction: EvalPrediction) -> dict[str, float]:
-    """`compute_metrics` for `token_nll`'s output: exp(total NLL / total predicted tokens)."""
-    sums = np.asarray(eval_prediction.predictions, dtype=np.float64).reshape(-1, 2).sum(axis=0)
-    mean_nll = sums[0] / max(sums[1], 1.0)
-    return {"perplexity": math.exp(mean_nll) if mean_nll < 700 else math.inf}
+    """`compute_metrics` for `token_nll`'s output. Every process gets all processes' predictions, so each
+    computes in memory on its own (no files shared between processes)."""
+    sums = np.asarray(eval_prediction.predictions, dtype=np.float64).reshape(-1, 2)
+    return TokenPerplexity(keep_in_memory=True).compute(nll=sums[:, 0], tokens=sums[:, 1])

@@ -112,3 +112,29 @@ def test_sharded_setups_stop_at_start(distributed_type):
     with pytest.raises(RuntimeError, match=distributed_type):
         callback.on_train_begin(SimpleNamespace(n_gpu=1), SimpleNamespace(max_steps=10, global_step=0), None,
                                 model=tiny_model())
+
+
+class PostfixProbe(TrainerCallback):
+    """After LocalSGDCallback: what the progress bar shows after each step."""
+
+    def __init__(self, trainer):
+        self.trainer, self.postfixes = trainer, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.postfixes.append(self.trainer.local_sgd._progress.training_bar.postfix)
+
+
+def test_console_progress_and_summary(tmp_path, capsys):
+    args = config(tmp_path, max_steps=8, sync_every=4, local_sgd_warmup_steps=2, disable_tqdm=False,
+                  eval_strategy="steps", eval_steps=8, outer_optimizer="nesterov")
+    trainer = LocalSGDTrainer(model=tiny_model(), args=args, train_dataset=data(), eval_dataset=data(8))
+    probe = PostfixProbe(trainer)
+    trainer.add_callback(probe)
+    trainer.train()
+    assert probe.postfixes[0] == "warm-up 1/2"
+    assert probe.postfixes[1].startswith("round 1, sync in 4 steps (")  # the warm-up is over
+    assert probe.postfixes[2].startswith("round 1, sync in 3 steps (")
+    assert probe.postfixes[5].startswith("round 2, sync in 4 steps (")  # right after the sync at step 6
+    out = capsys.readouterr().out
+    assert "Local SGD: 2 outer syncs over 8 steps (1 replicas, nesterov, H=4)" in out
+    assert "time in outer syncs:" in out and "last evaluation (step 8): loss" in out
