@@ -48,3 +48,21 @@ def run_worker(scenario: str, out_dir: Path, *options: str, timeout: float = 240
     """Run one scenario of tests/dist_worker.py on 2 processes; returns the per-rank JSON results."""
     accelerate_launch([str(WORKER), scenario, str(out_dir), *options], timeout=timeout, **env)
     return [json.loads((out_dir / f"result_rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+DEMO = ROOT / "recipes" / "gptneo-tinystories" / "demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """One real 2-process run of the demo recipe, shortened by command-line overrides that must win over the
+    recipe (it says 160 steps, H = 16 after 32 warm-up steps); shared by the tests that read its outputs.
+    Returns the output directory and what the run printed."""
+    out = tmp_path_factory.mktemp("demo") / "diloco"
+    proc = accelerate_launch(
+        ["-m", "hf_localsgd.train", str(DEMO), "--output_dir", str(out),
+         "--max_steps", "6", "--sync_every", "3", "--local_sgd_warmup_steps", "2",
+         "--eval_steps", "3", "--logging_steps", "1", "--max_eval_samples", "64"],
+        timeout=180,
+    )
+    return out, proc.stdout

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from conftest import ROOT, accelerate_launch
 from hf_localsgd import cli
 from hf_localsgd.plot import (
     Run, cumulative_bytes, find_state_file, load_history, logged_ddp_bytes_per_step, main, model_ddp_bytes_per_step,
@@ -20,7 +19,6 @@ pytest.importorskip("matplotlib")
 from matplotlib.image import imread  # noqa: E402
 
 
-DEMO = ROOT / "recipes" / "gptneo-tinystories" / "demo.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -31,38 +29,24 @@ def assert_png(path, height, width=640):
     assert image.shape == (height, width, 4) and image.std() > 0  # drawn on, not blank
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """One real run for the module: the demo recipe, 6 steps, H = 3 after 2 warm-up steps, every step logged."""
-    out = tmp_path_factory.mktemp("plot") / "diloco"
-    accelerate_launch(
-        ["-m", "hf_localsgd.train", str(DEMO), "--output_dir", str(out), "--max_steps", "6", "--sync_every", "3",
-         "--local_sgd_warmup_steps", "2", "--logging_steps", "1", "--eval_steps", "3", "--max_eval_samples", "16",
-         "--per_device_train_batch_size", "4", "--block_size", "32"],
-        timeout=180,
-    )
-    return out
-
-
 def test_pngs_from_a_real_run(demo_run, capsys):
+    demo_run, _ = demo_run  # tests/conftest.py: the demo recipe, 6 steps, H = 3 after 2 warm-up steps
     out = demo_run / "figures"
     cli.main(["plot", str(demo_run), "--out", str(out)])  # through the console script's dispatch
     history = load_history(demo_run)
-    tracked = any("local_sgd/drift" in entry for entry in history)
-    expected = {"loss_vs_steps.png", "loss_vs_bytes.png"} | ({"cosine_drift.png"} if tracked else set())
-    assert {p.name for p in out.glob("*.png")} == expected
+    assert any("local_sgd/drift" in entry for entry in history)
+    assert {p.name for p in out.glob("*.png")} == {"loss_vs_steps.png", "loss_vs_bytes.png", "cosine_drift.png"}
     assert_png(out / "loss_vs_steps.png", 400)
     assert_png(out / "loss_vs_bytes.png", 400)
-    if tracked:
-        assert_png(out / "cosine_drift.png", 600)
+    assert_png(out / "cosine_drift.png", 600)
     assert str(out / "loss_vs_steps.png") in capsys.readouterr().out
 
 
 def test_ddp_bytes_from_the_model_match_what_the_engine_logs(demo_run):
     """4 B x parameters counted from config.json is the logged DDP traffic per step (ring bytes at K = 2)."""
+    demo_run, _ = demo_run
     logged = logged_ddp_bytes_per_step(load_history(demo_run))
-    if logged is None:
-        pytest.skip("this build's engine logs no local_sgd/ddp_bytes_total")
+    assert logged is not None
     assert model_ddp_bytes_per_step(demo_run) == pytest.approx(logged)
     assert model_ddp_bytes_per_step(demo_run, num_params=10) == 40
 

@@ -8,22 +8,11 @@ import math
 
 import pytest
 
-from conftest import ROOT, accelerate_launch
 from hf_localsgd import cli
 
 
-DEMO = ROOT / "recipes" / "gptneo-tinystories" / "demo.yaml"
-
-
-def test_demo_recipe_on_two_processes_with_overrides(tmp_path):
-    out = tmp_path / "demo"
-    proc = accelerate_launch(
-        ["-m", "hf_localsgd.train", str(DEMO), "--output_dir", str(out),
-         # The recipe says 160 steps, H = 16 after 32 warm-up steps; these must win.
-         "--max_steps", "6", "--sync_every", "3", "--local_sgd_warmup_steps", "2",
-         "--eval_steps", "3", "--logging_steps", "1", "--max_eval_samples", "64"],
-        timeout=180,
-    )
+def test_demo_recipe_on_two_processes_with_overrides(demo_run):
+    out, stdout = demo_run
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 6
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
@@ -32,7 +21,7 @@ def test_demo_recipe_on_two_processes_with_overrides(tmp_path):
 
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-3)
-    assert "eval_perplexity" in proc.stdout
+    assert "eval_perplexity" in stdout
 
     card = (out / "README.md").read_text()
     assert "| sync_every (H) | 3 |" in card and "| local_sgd_warmup_steps | 2 |" in card
