@@ -262,7 +262,7 @@ class LocalSGDCallback(TrainerCallback):
     def summary(self, state) -> str:
         """A few lines on what training communicated, for the end of training."""
         engine, total = self.engine, time.perf_counter() - self._train_started
-        ddp_bytes = engine.num_steps * engine._ring_bytes(engine._gradient_bytes)
+        ddp_bytes = engine.data_parallel_bytes
         lines = [
             f"Local SGD: {engine.num_syncs} outer syncs over {engine.num_steps} steps "
             f"({engine.world_size} replicas, {engine.outer_optimizer_name}, H={engine.sync_every})",

@@ -239,7 +239,7 @@ class RoundEngine:
         self.num_syncs += 1
         self.seconds_in_sync += time.perf_counter() - started
         if self.track_metrics:
-            self.last_metrics = self._round_metrics(delta, mean_sq_norm, outer_lr, started)
+            self.last_metrics = self._round_metrics(delta, mean_sq_norm, outer_lr, started, payload)
         self.pseudo_syncs_in_round = 0
         self._start_round()
         return True
@@ -322,15 +322,22 @@ class RoundEngine:
         cache[-1] = cache[:-1].dot(cache[:-1])
         self._grad_cache = cache
 
+    @property
+    def data_parallel_bytes(self) -> float:
+        """What this rank would have sent so far under data-parallel training: one gradient all-reduce a step."""
+        return self.num_steps * self._ring_bytes(self._gradient_bytes)
+
     def _ring_bytes(self, payload_bytes: float) -> float:
         """Bytes one rank sends in a ring all-reduce of ``payload_bytes`` (reduce-scatter + all-gather)."""
         return 2 * (self.world_size - 1) / self.world_size * payload_bytes
 
-    def _round_metrics(self, delta: torch.Tensor, mean_sq_norm: float, outer_lr: float, started: float) -> dict:
+    def _round_metrics(
+        self, delta: torch.Tensor, mean_sq_norm: float, outer_lr: float, started: float, payload: float
+    ) -> dict:
         sq_norm_of_mean = delta.dot(delta).item()  # also waits for the device, so the timing below is real
         seconds = time.perf_counter() - started
         k = self.world_size
-        ddp_bytes = self.num_steps * self._ring_bytes(self._gradient_bytes)
+        ddp_bytes = self.data_parallel_bytes
         metrics = {
             "round": self.num_syncs,
             "sync_every": self.sync_every,
@@ -339,7 +346,7 @@ class RoundEngine:
             # mean_k ‖x_k - x̄‖² = mean_k ‖Δ_k - Δ‖² = mean_k ‖Δ_k‖² - ‖Δ‖²
             "drift": max(mean_sq_norm - sq_norm_of_mean, 0.0),
             "sync_seconds": seconds,
-            "bytes_sent": self._ring_bytes(self._sync_payload_bytes),
+            "bytes_sent": self._ring_bytes(payload),
             "bytes_total": self.bytes_sent,
             "ddp_bytes_total": ddp_bytes,
         }
