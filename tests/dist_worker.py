@@ -46,7 +46,8 @@ def dataset(n: int = 256) -> Dataset:
     g = torch.Generator().manual_seed(1)
     starts = torch.randint(0, VOCAB, (n, 1), generator=g)
     ids = ((starts + torch.arange(SEQ)) % VOCAB).tolist()
-    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+    # `start` is a label to partition by (data_partition="by_label"); the model never sees it.
+    return Dataset.from_dict({"input_ids": ids, "labels": ids, "start": starts[:, 0].tolist()})
 
 
 def flat_params(model) -> torch.Tensor:
@@ -218,13 +219,14 @@ def scenario_ddp_equivalence(out_dir: str) -> dict:
 
 
 def scenario_resume(out_dir: str, outer_optimizer: str = "schedule_free", pseudo_sync_prob: str = "0",
-                    lr_scaling: str = "none") -> dict:
+                    lr_scaling: str = "none", sync_every_schedule: str = "constant", data_partition: str = "iid") -> dict:
     def run(resume_from=None, output="full"):
         args = LocalSGDConfig(
             **common_args(os.path.join(out_dir, output), max_steps=12, save_strategy="steps", save_steps=5,
                           save_total_limit=2, max_grad_norm=1.0),
             sync_every=4, outer_optimizer=outer_optimizer, pseudo_sync_prob=float(pseudo_sync_prob),
-            lr_scaling=lr_scaling,
+            lr_scaling=lr_scaling, sync_every_schedule=sync_every_schedule, sync_every_min=2,
+            data_partition=data_partition, data_partition_column="start",
         )
         trainer = LocalSGDTrainer(model=tiny_model(dropout=0.1), args=args, train_dataset=dataset())
         trainer.train(resume_from_checkpoint=resume_from)
@@ -278,7 +280,7 @@ def scenario_accelerate_loop(out_dir: str) -> dict:
     accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    loader = torch.utils.data.DataLoader(dataset().with_format("torch"), batch_size=4, shuffle=True)
+    loader = torch.utils.data.DataLoader(dataset().remove_columns("start").with_format("torch"), batch_size=4, shuffle=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     hook_calls = []
     model.register_comm_hook(None, lambda pg, bucket: hook_calls.append(1) or default_hooks.allreduce_hook(pg, bucket))

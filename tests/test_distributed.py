@@ -80,10 +80,16 @@ def test_resume_mid_round_is_bit_exact(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("outer,lr_scaling", [("nesterov", "local_adascale"), ("average", "adascale")])
-def test_resume_mid_round_is_bit_exact_with_lr_scaling(tmp_path, outer, lr_scaling):
-    """The gradients cached at a round's start and the gain-ratio state survive a mid-round checkpoint."""
-    r0, r1 = run_worker("resume", tmp_path, outer, "0", lr_scaling)
+@pytest.mark.parametrize(
+    "options",
+    [("nesterov", "0", "local_adascale"), ("average", "0", "adascale"),
+     ("nesterov", "0", "none", "linear", "by_label"), ("average", "0", "none", "inverse_lr", "iid")],
+    ids=["local_adascale", "adascale", "linear-schedule-by-label", "inverse-lr-schedule"],
+)
+def test_resume_is_bit_exact_with_other_options(tmp_path, options):
+    """The gradients cached at a round's start, the gain-ratio state, a communication schedule's current H and
+    the by_label sampler's position all survive a checkpoint (`pytest -m slow`)."""
+    r0, r1 = run_worker("resume", tmp_path, *options)
     for r in (r0, r1):
         assert r["resumed"] == r["full"]
 
