@@ -199,13 +199,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from transformers import Trainer, set_seed
+    from transformers import Trainer
 
     from .data import load_tokenizer
     from .engine import COMM_DTYPES
-    from .models import build_model, build_model_config
     from .offline import HubUnavailableError
-    from .train import parse_args
+    from .train import build_recipe_model, parse_args
 
     parser = _parser()
     args, train_argv = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -222,16 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = load_tokenizer(model_args.tokenizer_name)
     except HubUnavailableError as err:
         sys.exit(f"error: {err}")
-    # The model hf_localsgd.train would build: the same config overrides, the same seed.
-    config = build_model_config(
-        model_args.model_config,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    set_seed(training_args.seed)
-    model = build_model(config).to(device).train()
+    model = build_recipe_model(model_args, tokenizer, training_args.seed).to(device).train()  # train's model
     if training_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(training_args.gradient_checkpointing_kwargs)
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)

@@ -113,6 +113,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return tuple(parsed)
 
 
+def build_recipe_model(model_args: ModelArguments, tokenizer, seed: int):
+    """The recipe's model, freshly initialized with the tokenizer's vocabulary and special tokens. Every
+    process draws the same initial weights: local-SGD replicas must start from one global model."""
+    config = build_model_config(
+        model_args.model_config,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    set_seed(seed)
+    return build_model(config)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Parse, build tokenizer / data / model, train, save, evaluate. Returns the final eval metrics."""
     model_args, data_args, script_args, training_args = parse_args(argv)
@@ -128,16 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     except HubUnavailableError as err:
         sys.exit(f"error: {err}")  # the message is the whole story; a traceback would bury it
 
-    config = build_model_config(
-        model_args.model_config,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    # Every process draws the same initial weights: local-SGD replicas must start from one global model.
-    set_seed(training_args.seed)
-    model = build_model(config)
+    model = build_recipe_model(model_args, tokenizer, training_args.seed)
 
     trainer_class = Trainer if script_args.trainer == "ddp" else LocalSGDTrainer
     trainer = trainer_class(
