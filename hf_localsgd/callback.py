@@ -68,6 +68,8 @@ class LocalSGDCallback(TrainerCallback):
         # the optimizer's own lrs while its gradient step runs at α_t / (1 - p).
         self.pseudo_sync_step = False
         self._inner_lr = 0.0
+        self._pull_lr = 0.0
+        self._config: LocalSGDArguments | None = None
         self._unscaled_lrs: list[float] | None = None
         self._step_seconds: float | None = None  # moving average, for the progress bar's time to the next sync
         self._step_started = 0.0
@@ -84,7 +86,7 @@ class LocalSGDCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ setup
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        config = self.config if self.config is not None else args
+        config = self._config = self.config if self.config is not None else args
         if not isinstance(config, LocalSGDArguments):
             raise TypeError(
                 "LocalSGDCallback needs the local-SGD options: pass LocalSGDCallback(LocalSGDArguments(...)) "
@@ -175,6 +177,9 @@ class LocalSGDCallback(TrainerCallback):
         self._restore_local_weights()
         self.pseudo_sync_step = self.engine.draw_pseudo_sync()
         self._inner_lr = optimizer.param_groups[0]["lr"]
+        # The lr of a pseudo-synchronization's pull α_t η_t / p: with η_t = η · learning_rate / α_t
+        # (pseudo_sync_rate_schedule="inverse_lr"), α_t η_t = learning_rate · η.
+        self._pull_lr = args.learning_rate if self._config.pseudo_sync_rate_schedule == "inverse_lr" else self._inner_lr
         lrs = self._step_lrs(optimizer)
         if lrs is not None:  # for this step's optimizer step only; restored before the scheduler steps
             self._unscaled_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -208,7 +213,7 @@ class LocalSGDCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if self.pseudo_sync_step:
-            self.engine.pseudo_sync(self._inner_lr)
+            self.engine.pseudo_sync(self._pull_lr)
         synced = self.engine.step()
         if self.engine.gain is not None and self.engine.gain.scale_invariant_step >= state.max_steps:
             control.should_training_stop = True  # the base-case budget, in scale-invariant steps, is spent

@@ -108,6 +108,15 @@ class LocalSGDArguments:
         default=1.0,
         metadata={"help": "PALSGD's mixing rate η: a pseudo-synchronization moves x_k by (lr · η / p)(x - x_k)."},
     )
+    pseudo_sync_rate_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "How η follows training: 'constant', or 'inverse_lr': η_t = η · learning_rate / lr_t, so a "
+            "pseudo-synchronization pulls as hard (learning_rate · η / p) while the inner lr decays, as seed 001's "
+            "Theorem 2 does with η = p / (2Hα).",
+            "choices": ["constant", "inverse_lr"],
+        },
+    )
     lr_scaling: str = field(
         default="none",
         metadata={
@@ -210,6 +219,8 @@ class LocalSGDArguments:
             fail("pseudo_sync_prob", f"must be in [0, 1), got {self.pseudo_sync_prob}")
         if self.pseudo_sync_rate <= 0:
             fail("pseudo_sync_rate", f"must be > 0, got {self.pseudo_sync_rate}")
+        if self.pseudo_sync_rate_schedule not in ("constant", "inverse_lr"):
+            fail("pseudo_sync_rate_schedule", f"must be 'constant' or 'inverse_lr', got {self.pseudo_sync_rate_schedule!r}")
         if self.pseudo_sync_prob > 0 and getattr(self, "fp16", False):
             fail("pseudo_sync_prob", "PALSGD skips the gradients of pseudo-synchronization steps, which fp16's "
                  "gradient scaler cannot step without; use bf16")

@@ -138,3 +138,40 @@ def test_console_progress_and_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Local SGD: 2 outer syncs over 8 steps (1 replicas, nesterov, H=4)" in out
     assert "time in outer syncs:" in out and "last evaluation (step 8): loss" in out
+
+
+class PullProbe(TrainerCallback):
+    """Around LocalSGDCallback's on_step_end: how far each pseudo-synchronization pulled toward the global model,
+    c in x_after - x = (1 - c)(x_before - x)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.before, self.pulls = trainer, None, []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        callback, engine = self.trainer.local_sgd, self.trainer.local_sgd.engine
+        weights = flat(model)
+        if self.before is None:  # called first: before LocalSGDCallback
+            self.before = (weights, engine.inner_step + 1 < engine.sync_every, callback._inner_lr)
+            return
+        before, no_sync, lr = self.before
+        self.before = None
+        x = engine.global_params
+        if callback.pseudo_sync_step and no_sync and (before - x).norm() > 0:  # (not yet moved since a sync)
+            self.pulls.append((lr, 1 - ((weights - x).norm() / (before - x).norm()).item()))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "inverse_lr"])
+def test_pseudo_sync_rate_schedule(schedule, tmp_path):
+    p, eta, lr0 = 0.7, 2.0, 0.01
+    args = config(tmp_path, max_steps=24, sync_every=8, outer_optimizer="nesterov", learning_rate=lr0,
+                  lr_scheduler_type="linear", pseudo_sync_prob=p, pseudo_sync_rate=eta,
+                  pseudo_sync_rate_schedule=schedule)
+    trainer = LocalSGDTrainer(model=tiny_model(), args=args, train_dataset=data())
+    probe = PullProbe(trainer)
+    handler = trainer.callback_handler
+    handler.callbacks.insert(handler.callbacks.index(trainer.local_sgd), probe)
+    handler.callbacks.append(probe)
+    trainer.train()
+    assert len({lr for lr, _ in probe.pulls}) >= 2  # pseudo-syncs at different inner lrs
+    for lr, pull in probe.pulls:  # α_t η_t / p, with α_t η_t = lr0 η under inverse_lr
+        assert pull == pytest.approx((lr if schedule == "constant" else lr0) * eta / p, rel=1e-3)
