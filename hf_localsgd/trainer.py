@@ -64,9 +64,9 @@ class LocalSGDTrainer(Trainer):
         return self._last_loss
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *posargs, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-        self.local_sgd.resume_from_checkpoint = resume_from_checkpoint or None
+        if resume_from_checkpoint is True:  # left True when there is none, so that Trainer raises its error
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        self.local_sgd.resume_from_checkpoint = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
         return super().train(resume_from_checkpoint, *posargs, **kwargs)
 
     def create_model_card(self, *posargs, tags=None, **kwargs):

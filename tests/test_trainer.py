@@ -175,3 +175,9 @@ def test_pseudo_sync_rate_schedule(schedule, tmp_path):
     assert len({lr for lr, _ in probe.pulls}) >= 2  # pseudo-syncs at different inner lrs
     for lr, pull in probe.pulls:  # α_t η_t / p, with α_t η_t = lr0 η under inverse_lr
         assert pull == pytest.approx((lr if schedule == "constant" else lr0) * eta / p, rel=1e-3)
+
+
+def test_resume_true_without_a_checkpoint_is_an_error(tmp_path):
+    trainer = LocalSGDTrainer(model=tiny_model(), args=config(tmp_path), train_dataset=data())
+    with pytest.raises(ValueError, match="No valid checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
