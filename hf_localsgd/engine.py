@@ -150,7 +150,7 @@ class RoundEngine:
         self._grad_cache: torch.Tensor | None = None  # this round's first gradients, then ‖g_k‖²
         self.last_metrics: dict[str, float] = {}
         self.bytes_sent = 0.0  # by this rank, outer syncs and warm-up gradient all-reduces
-        self.seconds_in_sync = 0.0  # host wall-clock time inside sync(), every round
+        self.seconds_in_sync = 0.0  # host wall-clock time inside sync(), every round (see sync())
 
         # Position in training: calls of step(), inner steps since the last sync, and syncs done.
         self.num_steps = 0
@@ -222,7 +222,8 @@ class RoundEngine:
         if self.inner_step == 0 or self.in_warmup:
             return False
         started, outer_lr = time.perf_counter(), self.outer_lr
-        payload = self._sync_payload_bytes + (0 if self._grad_cache is None else self._grad_cache.numel() * 4)
+        cached = 0 if self._grad_cache is None else self._grad_cache.numel()
+        payload = self._sync_payload_bytes + cached * self.comm_dtype.itemsize  # the cache travels in comm_dtype
         delta, tail = self._outer_gradient()
         mean_sq_norm = tail[0].item() if self.track_metrics else None
         if self._grad_cache is not None:  # last round's first gradients, averaged by the same all-reduce
@@ -237,9 +238,10 @@ class RoundEngine:
         self.bytes_sent += self._ring_bytes(payload)
         self.inner_step = 0
         self.num_syncs += 1
-        self.seconds_in_sync += time.perf_counter() - started
-        if self.track_metrics:
+        if self.track_metrics:  # waits for the device, so both timings below include the device's work
             self.last_metrics = self._round_metrics(delta, mean_sq_norm, outer_lr, started, payload)
+        # Host wall-clock time; on an accelerator without metrics, work still queued is not in it.
+        self.seconds_in_sync += time.perf_counter() - started
         self.pseudo_syncs_in_round = 0
         self._start_round()
         return True
