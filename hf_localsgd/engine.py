@@ -30,7 +30,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .adascale import LR_SCALINGS, GainRatio
-from .outer import OUTER_DEFAULTS, OUTER_LR_SCHEDULERS, ScheduleFreeSGD, build_outer_optimizer, build_outer_scheduler
+from .outer import (
+    OUTER_DEFAULTS,
+    OUTER_LR_SCHEDULERS,
+    ScheduleFreeSGD,
+    build_outer_optimizer,
+    build_outer_scheduler,
+    outer_step,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -224,22 +231,24 @@ class RoundEngine:
         started, outer_lr = time.perf_counter(), self.outer_lr
         cached = 0 if self._grad_cache is None else self._grad_cache.numel()
         payload = self._sync_payload_bytes + cached * self.comm_dtype.itemsize  # the cache travels in comm_dtype
-        delta, tail = self._outer_gradient()
-        mean_sq_norm = tail[0].item() if self.track_metrics else None
+        # The all-reduce leaves a sum (float32) or already the mean (narrower comm_dtype): divide by `k`.
+        delta, tail, k = self._outer_gradient()  # delta holds K·Δ when k = K
+        if self.track_metrics:  # before the step, which may divide `delta` in place; read after the copy
+            norms = torch.stack([tail[0] / k, delta.dot(delta) / k**2])  # mean_k ‖Δ_k‖², ‖Δ‖²
         if self._grad_cache is not None:  # last round's first gradients, averaged by the same all-reduce
-            mean_grad, mean_sq_grad = tail[int(self.track_metrics) : -1], tail[-1].item()
-            self.gain.update(mean_sq_grad, mean_grad.dot(mean_grad).item(), self.sync_every)
+            grad_sum, mean_sq_grad = tail[int(self.track_metrics) : -1], tail[-1].item() / k
+            self.gain.update(mean_sq_grad, grad_sum.dot(grad_sum).item() / k**2, self.sync_every)
             self._grad_cache = None
         self.global_params.grad = delta
-        self.outer_optimizer.step()
+        outer_step(self.outer_optimizer, grad_divisor=k)
         self.outer_scheduler.step()
         self.global_params.grad = None
         self._copy_to_model(self.global_params)
         self.bytes_sent += self._ring_bytes(payload)
         self.inner_step = 0
         self.num_syncs += 1
-        if self.track_metrics:  # waits for the device, so both timings below include the device's work
-            self.last_metrics = self._round_metrics(delta, mean_sq_norm, outer_lr, started, payload)
+        if self.track_metrics:  # .tolist() waits for the device, so both timings include the device's work
+            self.last_metrics = self._round_metrics(*norms.tolist(), outer_lr, started, payload)
         # Host wall-clock time; on an accelerator without metrics, work still queued is not in it.
         self.seconds_in_sync += time.perf_counter() - started
         self.pseudo_syncs_in_round = 0
@@ -279,10 +288,11 @@ class RoundEngine:
             torch._foreach_lerp_([p.data for p in params], targets, weight)
         self.pseudo_syncs_in_round += 1
 
-    def _outer_gradient(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Δ = mean_k (x_r - x_k) as one flat float32 tensor on the state device (one collective per bucket),
-        and the tail the last bucket carried through the same all-reduce: with metrics on, ‖Δ_k‖² (so the
-        mean of the replicas' squared norms comes back); with lr scaling, the cached gradients and ‖g_k‖²."""
+    def _outer_gradient(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """K·Δ = Σ_k (x_r - x_k) as one flat float32 tensor on the state device (one collective per bucket),
+        the tail the last bucket carried through the same all-reduce (with metrics on, ‖Δ_k‖²; with lr
+        scaling, the cached gradients and ‖g_k‖²), and the divisor that turns both into means over the
+        replicas: K, or 1 when a narrow ``comm_dtype`` made the all-reduce average already (see _all_reduce)."""
         extra = int(self.track_metrics)
         cache = self._grad_cache
         tail = extra + (0 if cache is None else cache.numel())
@@ -304,10 +314,10 @@ class RoundEngine:
                 buf[end - start] = sq_norm
             if last and cache is not None:
                 buf[end - start + extra :].copy_(cache)
-            self._all_reduce_mean(buf)
+            divisor = self._all_reduce(buf)
             if not on_model_device:
                 delta[start:stop].copy_(buf)
-        return delta[: self.numel], delta[self.numel :]
+        return delta[: self.numel], delta[self.numel :], divisor
 
     @property
     def wants_gradients(self) -> bool:
@@ -334,9 +344,8 @@ class RoundEngine:
         return 2 * (self.world_size - 1) / self.world_size * payload_bytes
 
     def _round_metrics(
-        self, delta: torch.Tensor, mean_sq_norm: float, outer_lr: float, started: float, payload: float
+        self, mean_sq_norm: float, sq_norm_of_mean: float, outer_lr: float, started: float, payload: float
     ) -> dict:
-        sq_norm_of_mean = delta.dot(delta).item()  # also waits for the device, so the timing below is real
         seconds = time.perf_counter() - started
         k = self.world_size
         ddp_bytes = self.data_parallel_bytes
@@ -378,17 +387,21 @@ class RoundEngine:
             self.global_params[start:end].copy_(buf)
         self._copy_to_model(self.global_params)
 
-    def _all_reduce_mean(self, buf: torch.Tensor) -> None:
+    def _all_reduce(self, buf: torch.Tensor) -> int:
+        """Sum ``buf`` over the replicas in place; return what to divide the result by to get their mean.
+
+        float32 is summed as it is and the division by K is left to the outer step, which folds it into its
+        own pass (a division of its own would be one more pass over the buffer, ~10% of a CPU sync). A
+        narrower ``comm_dtype`` is divided first so that its sum stays in range (gloo has no AVG)."""
         if self.world_size == 1:
-            return
-        # gloo has no AVG: divide first (keeps bfloat16 sums in range), then SUM.
-        buf.div_(self.world_size)
+            return 1
         if self.comm_dtype == buf.dtype:
             dist.all_reduce(buf, group=self.process_group)
-        else:
-            wire = buf.to(self.comm_dtype)
-            dist.all_reduce(wire, group=self.process_group)
-            buf.copy_(wire)
+            return self.world_size
+        wire = torch.div(buf, self.world_size, out=torch.empty_like(buf, dtype=self.comm_dtype))  # one pass
+        dist.all_reduce(wire, group=self.process_group)
+        buf.copy_(wire)
+        return 1
 
     # ------------------------------------------------------------------ model <-> flat copies
     def _make_buckets(self, bucket_numel: float):

@@ -38,6 +38,8 @@ class ScheduleFreeSGD(torch.optim.Optimizer):
     round trip, which is not bit-exact).
     """
 
+    # Like torch's fused optimizers, step() divides the gradients by ``self.grad_scale`` (a tensor) when that
+    # attribute is set, within its own passes; see ``outer_step``.
     def __init__(self, params, lr: float = 2.0, momentum: float = 0.2, weight_lr_power: float = 2.0):
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -49,6 +51,8 @@ class ScheduleFreeSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        grad_scale = getattr(self, "grad_scale", None)
+        inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         for group in self.param_groups:
             lr, beta = group["lr"], group["momentum"]
             # Iterate weights c_{t+1} = w_t / sum_{i<=t} w_i with w_t = lr_max^power (r = 0 in the paper):
@@ -67,8 +71,8 @@ class ScheduleFreeSGD(torch.optim.Optimizer):
                 # y_{t+1} = (1 - c) y_t + c z_t + lr (β (1 - c) - 1) g  and  z_{t+1} = z_t - lr g,
                 # which keeps y = (1 - β) z + β x without ever storing x.
                 p.lerp_(z, ckp1)
-                p.add_(p.grad, alpha=lr * (beta * (1.0 - ckp1) - 1.0))
-                z.sub_(p.grad, alpha=lr)
+                p.add_(p.grad, alpha=lr * (beta * (1.0 - ckp1) - 1.0) * inv_scale)
+                z.sub_(p.grad, alpha=lr * inv_scale)
         return loss
 
     @torch.no_grad()
@@ -113,6 +117,29 @@ def build_outer_optimizer(name: str, params, lr: float | None = None, momentum: 
         return torch.optim.SGD(params, fused=True, **kwargs)
     except RuntimeError:  # no fused SGD kernel for this device
         return torch.optim.SGD(params, **kwargs)
+
+
+def outer_step(optimizer: torch.optim.Optimizer, grad_divisor: float = 1) -> None:
+    """``optimizer.step()`` on the gradients divided by ``grad_divisor`` (the round engine hands over the SUM
+    of the replicas' outer gradients, K·Δ). Fused SGD and ``ScheduleFreeSGD`` take the division inside their
+    own pass through the ``grad_scale`` attribute that ``torch.amp.GradScaler`` also uses (fused SGD leaves
+    the divided gradients in ``.grad``); any other optimizer gets the gradients divided in place first."""
+    if grad_divisor == 1:
+        optimizer.step()
+        return
+    if not (isinstance(optimizer, ScheduleFreeSGD) or getattr(optimizer, "_step_supports_amp_scaling", False)):
+        for group in optimizer.param_groups:
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            if grads:
+                torch._foreach_div_(grads, grad_divisor)
+        optimizer.step()
+        return
+    device = optimizer.param_groups[0]["params"][0].device
+    optimizer.grad_scale = torch.tensor(float(grad_divisor), device=device)
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
 
 
 def build_outer_scheduler(optimizer, name: str = "constant", total_rounds: int | None = None, plateau_fraction=0.1):

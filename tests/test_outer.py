@@ -12,7 +12,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_localsgd import LocalSGDArguments, LocalSGDConfig, RoundEngine, ScheduleFreeSGD
-from hf_localsgd.outer import outer_lr_lambda
+from hf_localsgd.outer import build_outer_optimizer, outer_lr_lambda, outer_step
 
 
 def model(seed: int = 0) -> torch.nn.Module:
@@ -107,6 +107,28 @@ def test_schedule_free_matches_the_schedulefree_package():
     x = ours.averaged(ours_p)
     theirs.eval()  # moves the package's parameters to x in place
     torch.testing.assert_close(x, theirs_p, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["average", "nesterov", "schedule_free", "nesterov-foreach"])
+def test_outer_step_divides_the_summed_gradient(name):
+    """The engine hands the outer optimizer Σ_k Δ_k and the divisor K; fused SGD and ScheduleFreeSGD fold the
+    division into their pass (grad_scale), other optimizers divide first. All must equal a step on Δ."""
+    torch.manual_seed(0)
+    x0 = torch.randn(1000)
+    folded, plain = x0.clone(), x0.clone()
+    if name == "nesterov-foreach":  # an optimizer without grad_scale support (the non-fused fallback)
+        opt_folded = torch.optim.SGD([folded], lr=0.7, momentum=0.9, nesterov=True, foreach=True)
+        opt_plain = torch.optim.SGD([plain], lr=0.7, momentum=0.9, nesterov=True, foreach=True)
+    else:
+        opt_folded, opt_plain = build_outer_optimizer(name, [folded]), build_outer_optimizer(name, [plain])
+    for _ in range(4):
+        summed = torch.randn(1000)
+        folded.grad, plain.grad = summed.clone(), summed / 3
+        outer_step(opt_folded, grad_divisor=3)
+        opt_plain.step()
+        torch.testing.assert_close(folded, plain, rtol=1e-6, atol=1e-6)
+        assert not hasattr(opt_folded, "grad_scale")
+    assert not torch.equal(folded, x0)
 
 
 def test_buckets_and_cpu_state_give_identical_results():
