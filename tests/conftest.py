@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,17 @@ def launch_env(**extra: str) -> dict:
     return env
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_launch(script_args: list[str], timeout: float = 240, **env) -> subprocess.CompletedProcess:
     """`accelerate launch` 2 CPU processes (gloo); fails the test with the output on error or hang."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC), *script_args]
+    # A free port for every launch: the default 29500 clashes with any other run on the machine.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
+           "--main_process_port", str(free_port()), *script_args]
     try:
         proc = subprocess.run(cmd, env=launch_env(**env), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired as e:  # distributed bugs hang: report instead of blocking the suite
