@@ -96,6 +96,7 @@ class LocalSGDCallback(TrainerCallback):
         handler = getattr(self.trainer, "callback_handler", None)
         self._progress = next((cb for cb in handler.callbacks if isinstance(cb, ProgressCallback)), None) if handler else None
         self._check_supported(args)
+        self._warn_if_pushed_checkpoints_lack_state(args)
         self._ddp = self._find_ddp(model)
         if self._ddp is not None and getattr(args, "average_tokens_across_devices", False):
             # Trainer would all-gather token counts on every step: communication local steps must not make.
@@ -144,6 +145,22 @@ class LocalSGDCallback(TrainerCallback):
             raise RuntimeError(
                 f"Local SGD does not support torch.nn.DataParallel over {args.n_gpu} GPUs in one process: "
                 "launch one process per GPU with `accelerate launch`."
+            )
+
+    def _warn_if_pushed_checkpoints_lack_state(self, args) -> None:
+        from .trainer import LocalSGDTrainer  # (trainer.py imports this module)
+
+        def name(option):  # enum member or string -> "best", "checkpoint", ...
+            return str(getattr(args, option, "")).rsplit(".", 1)[-1].lower()
+
+        pushes_checkpoints = getattr(args, "push_to_hub", False) and name("hub_strategy") in (
+            "checkpoint", "all_checkpoints")
+        if (pushes_checkpoints and name("save_strategy") == "best"
+                and not isinstance(self.trainer, LocalSGDTrainer)):
+            logger.warning(
+                "Local SGD: with save_strategy='best', %s pushes a checkpoint before this callback can write its "
+                "%s files into it: the pushed checkpoints lack them (the local ones have them). LocalSGDTrainer "
+                "writes them first.", type(self.trainer).__name__, STATE_FILE,
             )
 
     def _find_ddp(self, model) -> DistributedDataParallel | None:
@@ -245,9 +262,9 @@ class LocalSGDCallback(TrainerCallback):
         self._before_trainer_io(args, state, control, optimizer)
 
     def on_save(self, args, state, control, optimizer=None, **kwargs):
-        # save_strategy="best" decides to save only after evaluating: write the per-rank state now.
-        if self._state_written_at != state.global_step:
-            self._write_state(args, state, optimizer)
+        # save_strategy="best" decides to save only after evaluating. LocalSGDTrainer has written the state
+        # before Trainer saved (and pushed); with another trainer, this is the first moment it can.
+        self.save_state(args, state, optimizer)
         self._restore_local_weights()
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -294,8 +311,8 @@ class LocalSGDCallback(TrainerCallback):
     # ------------------------------------------------------------------ evaluation and checkpoints
     def _before_trainer_io(self, args, state, control, optimizer) -> None:
         """Runs right before Trainer evaluates and/or saves (both come after on_step_end / on_epoch_end)."""
-        if control.should_save and self._state_written_at != state.global_step:
-            self._write_state(args, state, optimizer)
+        if control.should_save:
+            self.save_state(args, state, optimizer)
         if (control.should_save or control.should_evaluate) and self._local_weights is None:
             if not self.engine.model_is_global:
                 self._local_weights = self.engine.local_params()
@@ -306,7 +323,11 @@ class LocalSGDCallback(TrainerCallback):
             self.engine.load_params(self._local_weights)
             self._local_weights = None
 
-    def _write_state(self, args, state, optimizer) -> None:
+    def save_state(self, args, state, optimizer) -> None:
+        """Write this rank's state (engine, local weights, inner optimizer) into this step's checkpoint
+        directory, once per step."""
+        if self._state_written_at == state.global_step:
+            return
         local = self._local_weights if self._local_weights is not None else self.engine.local_params()
         checkpoint_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         os.makedirs(checkpoint_dir, exist_ok=True)

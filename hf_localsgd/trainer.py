@@ -1,7 +1,9 @@
 """`LocalSGDTrainer`: `transformers.Trainer` with Local SGD / DiLoCo / schedule-free outer optimization.
 
-A thin subclass: the work is done by `LocalSGDCallback`, attached at construction. The only overrides are
-`train` (to tell the callback which checkpoint it resumes from) and `create_model_card` (to record the method).
+A thin subclass: the work is done by `LocalSGDCallback`, attached at construction. The overrides: `train` (to
+tell the callback which checkpoint it resumes from), `_save_checkpoint` (to write each rank's state before
+Trainer pushes the checkpoint), `create_model_card` (to record the method), and, for PALSGD and
+`data_partition="by_label"`, `training_step` and `_get_train_sampler`.
 
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml my_script.py   # any Trainer script:
     # args = LocalSGDConfig(output_dir="out", sync_every=16, outer_optimizer="nesterov", ...)
@@ -62,6 +64,12 @@ class LocalSGDTrainer(Trainer):
             return self._last_loss
         self._last_loss = super().training_step(model, inputs, num_items_in_batch)
         return self._last_loss
+
+    def _save_checkpoint(self, model, trial):
+        # Each rank's local-SGD state goes into the checkpoint before Trainer pushes it (hub_strategy): with
+        # save_strategy="best" the decision to save comes after the callback's last chance to write it.
+        self.local_sgd.save_state(self.args, self.state, self.optimizer)
+        super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *posargs, **kwargs):
         if resume_from_checkpoint is True:  # left True when there is none, so that Trainer raises its error

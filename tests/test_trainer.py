@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -181,3 +182,31 @@ def test_resume_true_without_a_checkpoint_is_an_error(tmp_path):
     trainer = LocalSGDTrainer(model=tiny_model(), args=config(tmp_path), train_dataset=data())
     with pytest.raises(ValueError, match="No valid checkpoint"):
         trainer.train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize("trainer_class", [LocalSGDTrainer, Trainer])
+def test_best_checkpoints_hold_the_state_when_pushed(trainer_class, tmp_path, monkeypatch, caplog):
+    """save_strategy="best" decides to save after evaluating; a checkpoint Trainer pushes (hub_strategy) must
+    already hold local_sgd_rank0.pt. LocalSGDTrainer writes it first; the callback alone can only warn."""
+    args = config(tmp_path, eval_strategy="steps", eval_steps=3, save_strategy="best",
+                  metric_for_best_model="loss", hub_strategy="checkpoint")
+    if trainer_class is LocalSGDTrainer:
+        trainer = LocalSGDTrainer(model=tiny_model(), args=args, train_dataset=data(), eval_dataset=data(8))
+    else:
+        trainer = Trainer(model=tiny_model(), args=args, train_dataset=data(), eval_dataset=data(8))
+        LocalSGDCallback.attach(trainer)
+    pushed = {}
+    # Trainer pushes from _save_checkpoint when args.push_to_hub: record what the checkpoint holds then.
+    monkeypatch.setattr(trainer.args, "push_to_hub", True)
+    monkeypatch.setattr(trainer, "_push_from_checkpoint", lambda folder: pushed.update({folder: os.listdir(folder)}))
+    with caplog.at_level(logging.WARNING, logger="hf_localsgd"):
+        trainer.train()
+    assert pushed  # at least the first evaluation is a new best
+    has_state = ["local_sgd_rank0.pt" in files for files in pushed.values()]
+    warned = "pushed checkpoints lack them" in caplog.text
+    if trainer_class is LocalSGDTrainer:
+        assert all(has_state) and not warned
+    else:
+        assert not any(has_state) and warned
+    for folder in pushed:  # either way the local checkpoints have it in the end
+        assert os.path.isfile(os.path.join(folder, "local_sgd_rank0.pt"))
