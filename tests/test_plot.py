@@ -127,3 +127,18 @@ def test_run_dirs_checkpoints_and_labels(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "missing")])
     assert exit_info.value.code == 2
+
+
+def test_plot_runs_without_importing_torch(tmp_path):
+    """The package's names load lazily: plotting logs must not pay for importing torch and transformers."""
+    import subprocess
+    import sys
+
+    run = write_run(tmp_path / "diloco", DILOCO)
+    code = ("import sys; from hf_localsgd import cli; "
+            f"cli.main(['plot', {str(run)!r}, '--out', {str(tmp_path / 'figs')!r}]); "
+            "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules); "
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "figs" / "loss_vs_steps.png").is_file()
