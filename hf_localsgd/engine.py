@@ -45,6 +45,14 @@ logger = logging.getLogger(__name__)
 COMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def unsynchronized_buffers(model: nn.Module) -> list[str]:
+    """Names of the floating-point buffers saved with ``model`` (e.g. BatchNorm's running statistics): the
+    engine averages parameters only, so these stay each replica's own. Non-persistent buffers (attention
+    masks, rotary frequencies) are rebuilt identically everywhere and are not listed."""
+    saved = model.state_dict(keep_vars=True).keys()
+    return [name for name, buffer in model.named_buffers() if name in saved and buffer.is_floating_point()]
+
+
 def pseudo_sync_seed(seed: int, rank: int) -> int:
     """The seed of a rank's PALSGD draws: a function of (seed, rank) that differs across ranks."""
     return (seed * 1_000_003 + rank * 7_919 + 17) % 2**63
@@ -136,6 +144,7 @@ class RoundEngine:
             raise ValueError(f"All trainable parameters must live on one device, found {sorted(map(str, devices))}")
         self.device = devices.pop()
         self.state_device = self.device if state_device == "model" else torch.device(state_device)
+        drifting = unsynchronized_buffers(model) if isinstance(model, nn.Module) else []
 
         self._sync_every_schedule = sync_every if callable(sync_every) else None
         self.sync_every = sync_every if not callable(sync_every) else 0  # H of the current round
@@ -182,6 +191,13 @@ class RoundEngine:
         self._start_round()
         if self.world_size > 1:
             self._broadcast_global()
+            if drifting:
+                logger.warning(
+                    "RoundEngine: the model has %d floating-point buffers that are saved with it (%s%s), e.g. "
+                    "BatchNorm statistics. Only parameters are averaged: each replica keeps its own buffers, and a "
+                    "checkpoint holds rank 0's.", len(drifting), ", ".join(drifting[:3]),
+                    ", ..." if len(drifting) > 3 else "",
+                )
         else:
             logger.info(
                 "RoundEngine: world size 1, the outer step applies %s to the single replica's update and "

@@ -290,3 +290,16 @@ def test_metrics_one_replica_and_no_effect_on_training():
     assert metrics["outer_grad_norm"] == pytest.approx(expected_norm, rel=1e-5)
     assert metrics["drift"] == pytest.approx(0.0, abs=1e-9) and "cosine_similarity" not in metrics
     assert metrics["bytes_sent"] == 0 and metrics["round"] == 1 and metrics["sync_seconds"] > 0
+
+
+def test_unsynchronized_buffers_are_the_saved_floating_point_ones():
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from hf_localsgd.engine import unsynchronized_buffers
+
+    batchnorm = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    assert unsynchronized_buffers(batchnorm) == ["1.running_mean", "1.running_var"]  # not num_batches_tracked
+    gpt_neo = GPTNeoForCausalLM(GPTNeoConfig(
+        vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=16,
+        attention_types=[[["global", "local"], 1]], window_size=8, bos_token_id=0, eos_token_id=0))
+    assert list(gpt_neo.buffers()) and unsynchronized_buffers(gpt_neo) == []  # masks are not saved
