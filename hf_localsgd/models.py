@@ -20,60 +20,63 @@ import torch
 from transformers import AutoModelForCausalLM, GPTNeoConfig, LlamaConfig, PretrainedConfig, PreTrainedModel
 
 
-def _gpt_neo_8m(vocab_size: int) -> GPTNeoConfig:
-    return GPTNeoConfig(
-        vocab_size=vocab_size,
-        max_position_embeddings=300,
-        hidden_size=128,
-        num_layers=8,
-        num_heads=8,
+def _gpt_neo_8m(vocab_size: int, **overrides) -> GPTNeoConfig:
+    return GPTNeoConfig(**{
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 300,
+        "hidden_size": 128,
+        "num_layers": 8,
+        "num_heads": 8,
         # GPT-Neo's usual alternation of global and local (windowed) attention, one pair per two layers.
-        attention_types=[[["global", "local"], 4]],
-        window_size=256,
-    )
+        "attention_types": [[["global", "local"], 4]],
+        "window_size": 256,
+        **overrides,
+    })
 
 
-def _demo(vocab_size: int) -> GPTNeoConfig:
+def _demo(vocab_size: int, **overrides) -> GPTNeoConfig:
     # Same family as gpt-neo-8m, shrunk until ~150 steps on 2 CPU processes take about a minute.
-    return GPTNeoConfig(
-        vocab_size=vocab_size,
-        max_position_embeddings=128,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        attention_types=[[["global", "local"], 1]],
-        window_size=64,
+    return GPTNeoConfig(**{
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 128,
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "attention_types": [[["global", "local"], 1]],
+        "window_size": 64,
         # The demo tokenizer's only special token, <|endoftext|>, is id 0.
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        **overrides,
+    })
 
 
-def _chinchilla(layers: int, hidden: int, heads: int, kv_size: int) -> Callable[[int], LlamaConfig]:
-    def build(vocab_size: int) -> LlamaConfig:
+def _chinchilla(layers: int, hidden: int, heads: int, kv_size: int) -> Callable[..., LlamaConfig]:
+    def build(vocab_size: int, **overrides) -> LlamaConfig:
         # SwiGLU has three projection matrices where Chinchilla's MLP had two of width 4 * hidden: an
         # intermediate width of 8/3 * hidden (rounded up to a multiple of 128 for tensor cores) keeps the
         # MLP's parameter count, and so the total, at the size the table names.
         intermediate = -(-8 * hidden // 3 // 128) * 128
-        return LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
+        return LlamaConfig(**{
+            "vocab_size": vocab_size,
+            "hidden_size": hidden,
+            "intermediate_size": intermediate,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
             # Multi-head attention as in Chinchilla: one K/V head per query head. `head_dim` is the table's
             # "K/V size", which for 150M (16 x 64 = 1024) differs from hidden / heads (896 / 16 = 56).
-            num_key_value_heads=heads,
-            head_dim=kv_size,
-            max_position_embeddings=2048,
+            "num_key_value_heads": heads,
+            "head_dim": kv_size,
+            "max_position_embeddings": 2048,
             # Chinchilla's parameter counts include the embedding matrix once: input and output share it.
-            tie_word_embeddings=True,
-        )
+            "tie_word_embeddings": True,
+            **overrides,
+        })
 
     return build
 
 
-MODEL_CONFIGS: dict[str, tuple[Callable[[int], PretrainedConfig], int]] = {
+MODEL_CONFIGS: dict[str, tuple[Callable[..., PretrainedConfig], int]] = {
     # name: (builder, vocabulary size of the paper's tokenizer)
     "gpt-neo-8m": (_gpt_neo_8m, 50257),
     "chinchilla-150m": (_chinchilla(layers=12, hidden=896, heads=16, kv_size=64), 32000),
@@ -95,9 +98,9 @@ def build_model_config(name: str, vocab_size: int | None = None, **overrides) ->
     if name not in MODEL_CONFIGS:
         raise ValueError(f"model_config: unknown model {name!r}; choose one of {sorted(MODEL_CONFIGS)}")
     build, default_vocab_size = MODEL_CONFIGS[name]
-    config = build(vocab_size or default_vocab_size)
-    config.update(overrides)
-    return config
+    # Overrides go into the constructor, which checks them together (e.g. special token ids against a
+    # smaller vocabulary), rather than being set on a config validated without them.
+    return build(vocab_size or default_vocab_size, **overrides)
 
 
 def build_model(config: PretrainedConfig) -> PreTrainedModel:

@@ -51,6 +51,19 @@ def test_vocab_and_overrides_follow_the_tokenizer():
     assert config.vocab_size == 1000 and config.eos_token_id == 7
 
 
+def test_special_tokens_are_checked_with_the_tokenizer_vocabulary(monkeypatch):
+    """The tokenizer's ids reach the config constructor with its vocabulary size: no transformers warning
+    about GPT-Neo's default ids (50256) lying outside a 643-token vocabulary."""
+    import transformers.configuration_utils
+
+    warned = []
+    monkeypatch.setattr(transformers.configuration_utils.logger, "warning_once", lambda msg, *a, **k: warned.append(msg))
+    config = build_model_config("gpt-neo-8m", vocab_size=643, bos_token_id=0, eos_token_id=0)
+    assert (config.vocab_size, config.bos_token_id, config.eos_token_id) == (643, 0, 0) and warned == []
+    build_model_config("gpt-neo-8m", vocab_size=643)  # GPT-Neo's own ids do not fit: the check does fire
+    assert any("bos_token_id" in message for message in warned)
+
+
 def test_unknown_name_is_an_error_naming_the_key():
     with pytest.raises(ValueError, match="model_config"):
         build_model_config("gpt-neo-9m")
