@@ -113,7 +113,7 @@ class LocalSGDCallback(TrainerCallback):
         total_rounds = None if config.sync_every_schedule == "inverse_lr" else count_rounds(sync_every, start, end)
         self.engine = RoundEngine(
             model, process_group=self.process_group, seed=args.seed, total_rounds=total_rounds,
-            track_metrics=str(args.logging_strategy).rsplit(".", 1)[-1].lower() != "no",
+            track_metrics=args.logging_strategy != "no",
             **{**config.engine_kwargs(), "sync_every": sync_every},
         )
         self._lr_scheduler = getattr(kwargs.get("lr_scheduler"), "scheduler", kwargs.get("lr_scheduler"))
@@ -150,13 +150,9 @@ class LocalSGDCallback(TrainerCallback):
     def _warn_if_pushed_checkpoints_lack_state(self, args) -> None:
         from .trainer import LocalSGDTrainer  # (trainer.py imports this module)
 
-        def name(option):  # enum member or string -> "best", "checkpoint", ...
-            return str(getattr(args, option, "")).rsplit(".", 1)[-1].lower()
-
-        pushes_checkpoints = getattr(args, "push_to_hub", False) and name("hub_strategy") in (
-            "checkpoint", "all_checkpoints")
-        if (pushes_checkpoints and name("save_strategy") == "best"
-                and not isinstance(self.trainer, LocalSGDTrainer)):
+        # (transformers' strategy enums are str enums: they compare equal to their values)
+        pushes_checkpoints = getattr(args, "push_to_hub", False) and args.hub_strategy in ("checkpoint", "all_checkpoints")
+        if pushes_checkpoints and args.save_strategy == "best" and not isinstance(self.trainer, LocalSGDTrainer):
             logger.warning(
                 "Local SGD: with save_strategy='best', %s pushes a checkpoint before this callback can write its "
                 "%s files into it: the pushed checkpoints lack them (the local ones have them). LocalSGDTrainer "
