@@ -47,10 +47,14 @@ COMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def unsynchronized_buffers(model: nn.Module) -> list[str]:
     """Names of the floating-point buffers saved with ``model`` (e.g. BatchNorm's running statistics): the
-    engine averages parameters only, so these stay each replica's own. Non-persistent buffers (attention
-    masks, rotary frequencies) are rebuilt identically everywhere and are not listed."""
-    saved = model.state_dict(keep_vars=True).keys()
-    return [name for name, buffer in model.named_buffers() if name in saved and buffer.is_floating_point()]
+    engine averages parameters only, so these may drift apart across replicas. Non-persistent buffers
+    (attention masks, rotary frequencies) are rebuilt identically everywhere and are not listed."""
+    return [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        for name, buffer in module.named_buffers(recurse=False)
+        if buffer.is_floating_point() and name not in module._non_persistent_buffers_set
+    ]
 
 
 def pseudo_sync_seed(seed: int, rank: int) -> int:
@@ -144,7 +148,6 @@ class RoundEngine:
             raise ValueError(f"All trainable parameters must live on one device, found {sorted(map(str, devices))}")
         self.device = devices.pop()
         self.state_device = self.device if state_device == "model" else torch.device(state_device)
-        drifting = unsynchronized_buffers(model) if isinstance(model, nn.Module) else []
 
         self._sync_every_schedule = sync_every if callable(sync_every) else None
         self.sync_every = sync_every if not callable(sync_every) else 0  # H of the current round
@@ -191,12 +194,13 @@ class RoundEngine:
         self._start_round()
         if self.world_size > 1:
             self._broadcast_global()
-            if drifting:
+            drifting = unsynchronized_buffers(model) if isinstance(model, nn.Module) else []
+            if drifting and rank == 0:
                 logger.warning(
                     "RoundEngine: the model has %d floating-point buffers that are saved with it (%s%s), e.g. "
-                    "BatchNorm statistics. Only parameters are averaged: each replica keeps its own buffers, and a "
-                    "checkpoint holds rank 0's.", len(drifting), ", ".join(drifting[:3]),
-                    ", ..." if len(drifting) > 3 else "",
+                    "BatchNorm statistics. Only parameters are averaged: each replica keeps its own buffers, "
+                    "which may drift apart, and a checkpoint holds rank 0's.", len(drifting),
+                    ", ".join(drifting[:3]), ", ..." if len(drifting) > 3 else "",
                 )
         else:
             logger.info(

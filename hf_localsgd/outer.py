@@ -38,8 +38,6 @@ class ScheduleFreeSGD(torch.optim.Optimizer):
     round trip, which is not bit-exact).
     """
 
-    # Like torch's fused optimizers, step() divides the gradients by ``self.grad_scale`` (a tensor) when that
-    # attribute is set, within its own passes; see ``outer_step``.
     def __init__(self, params, lr: float = 2.0, momentum: float = 0.2, weight_lr_power: float = 2.0):
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -49,10 +47,11 @@ class ScheduleFreeSGD(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_divisor: float = 1.0):
+        """One step on the gradients divided by ``grad_divisor``, folded into the step sizes (no pass of its
+        own; ``.grad`` is left as it is)."""
         loss = closure() if closure is not None else None
-        grad_scale = getattr(self, "grad_scale", None)
-        inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+        inv_scale = 1.0 / grad_divisor
         for group in self.param_groups:
             lr, beta = group["lr"], group["momentum"]
             # Iterate weights c_{t+1} = w_t / sum_{i<=t} w_i with w_t = lr_max^power (r = 0 in the paper):
@@ -121,25 +120,34 @@ def build_outer_optimizer(name: str, params, lr: float | None = None, momentum: 
 
 def outer_step(optimizer: torch.optim.Optimizer, grad_divisor: float = 1) -> None:
     """``optimizer.step()`` on the gradients divided by ``grad_divisor`` (the round engine hands over the SUM
-    of the replicas' outer gradients, K·Δ). Fused SGD and ``ScheduleFreeSGD`` take the division inside their
-    own pass through the ``grad_scale`` attribute that ``torch.amp.GradScaler`` also uses (fused SGD leaves
-    the divided gradients in ``.grad``); any other optimizer gets the gradients divided in place first."""
+    of the replicas' outer gradients, K·Δ), without a pass over them of its own where the optimizer allows:
+
+    - fused torch optimizers (``fused=True`` SGD) divide inside their own pass, through the ``grad_scale``
+      tensor that ``torch.amp.GradScaler`` also hands them, and leave the divided gradients in ``.grad``;
+    - ``ScheduleFreeSGD`` folds the division into its step sizes and leaves ``.grad`` as it was;
+    - any other optimizer gets its gradients divided in place first.
+
+    So ``.grad`` afterwards depends on the optimizer: callers must not read it.
+    """
     if grad_divisor == 1:
         optimizer.step()
-        return
-    if not (isinstance(optimizer, ScheduleFreeSGD) or getattr(optimizer, "_step_supports_amp_scaling", False)):
+    elif isinstance(optimizer, ScheduleFreeSGD):
+        optimizer.step(grad_divisor=grad_divisor)
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        device = optimizer.param_groups[0]["params"][0].device
+        # float32, whatever the default dtype (the fused kernels read a float); torch.full launches a fill on
+        # an accelerator rather than a blocking host-to-device copy.
+        optimizer.grad_scale = torch.full((), float(grad_divisor), dtype=torch.float32, device=device)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+    else:
         for group in optimizer.param_groups:
             grads = [p.grad for p in group["params"] if p.grad is not None]
             if grads:
                 torch._foreach_div_(grads, grad_divisor)
         optimizer.step()
-        return
-    device = optimizer.param_groups[0]["params"][0].device
-    optimizer.grad_scale = torch.tensor(float(grad_divisor), device=device)
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.grad_scale
 
 
 def build_outer_scheduler(optimizer, name: str = "constant", total_rounds: int | None = None, plateau_fraction=0.1):

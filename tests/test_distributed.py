@@ -126,3 +126,17 @@ def test_engine_in_a_plain_accelerate_loop(tmp_path):
     assert r0["num_syncs"] == 3 and r0["engine_all_reduce"] == 3 and r0["ddp_hook_calls"] == 0
     assert r0["hash"] == r1["hash"]
     assert r0["losses"] != r1["losses"]  # each rank trained on its own shard
+
+
+def test_engine_outer_steps_match_float64_references(tmp_path):
+    """The all-reduce sums float32 outer gradients and the outer step divides by K; bfloat16 is divided before
+    it. Either way every optimizer must follow its float64 reference on the mean outer gradient."""
+    r0, r1 = run_worker("outer_reference", tmp_path)
+    assert len(r0["errors"]) == 12 and {k.split(" buckets=")[1] for k in r0["errors"]} == {"1", "4"}
+    for result in (r0, r1):
+        for case, worst in result["errors"].items():
+            # relative to the largest |Δ|: float32 rounding, or bfloat16's 2^-8 times lr and momentum
+            tolerance = 1e-4 if "float32" in case else 0.05
+            assert worst["x"] < tolerance, (case, worst)
+            assert worst["drift"] < tolerance and worst["outer_grad_norm"] < tolerance, (case, worst)
+    assert r0["buffer_warnings"] == 12 and r1["buffer_warnings"] == 0  # BatchNorm statistics, rank 0 only

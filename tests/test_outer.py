@@ -111,8 +111,9 @@ def test_schedule_free_matches_the_schedulefree_package():
 
 @pytest.mark.parametrize("name", ["average", "nesterov", "schedule_free", "nesterov-foreach"])
 def test_outer_step_divides_the_summed_gradient(name):
-    """The engine hands the outer optimizer Σ_k Δ_k and the divisor K; fused SGD and ScheduleFreeSGD fold the
-    division into their pass (grad_scale), other optimizers divide first. All must equal a step on Δ."""
+    """The engine hands the outer optimizer Σ_k Δ_k and the divisor K; fused SGD (grad_scale) and
+    ScheduleFreeSGD (step sizes) fold the division in, other optimizers divide first. All must match a step
+    on Δ (to rounding: K = 3 is not a power of two)."""
     torch.manual_seed(0)
     x0 = torch.randn(1000)
     folded, plain = x0.clone(), x0.clone()
@@ -121,6 +122,8 @@ def test_outer_step_divides_the_summed_gradient(name):
         opt_plain = torch.optim.SGD([plain], lr=0.7, momentum=0.9, nesterov=True, foreach=True)
     else:
         opt_folded, opt_plain = build_outer_optimizer(name, [folded]), build_outer_optimizer(name, [plain])
+        # the path under test: the division inside fused SGD's own pass (grad_scale), not a fallback
+        assert name == "schedule_free" or opt_folded.defaults["fused"]
     for _ in range(4):
         summed = torch.randn(1000)
         folded.grad, plain.grad = summed.clone(), summed / 3
@@ -129,6 +132,19 @@ def test_outer_step_divides_the_summed_gradient(name):
         torch.testing.assert_close(folded, plain, rtol=1e-6, atol=1e-6)
         assert not hasattr(opt_folded, "grad_scale")
     assert not torch.equal(folded, x0)
+
+
+def test_outer_step_under_a_float64_default_dtype():
+    """Fused SGD reads grad_scale as float32, whatever torch's default dtype is."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = torch.ones(8, dtype=torch.float32)
+        x.grad = torch.full((8,), 3.0, dtype=torch.float32)
+        outer_step(build_outer_optimizer("average", [x]), grad_divisor=3)
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(x, torch.zeros(8))
 
 
 def test_buckets_and_cpu_state_give_identical_results():
