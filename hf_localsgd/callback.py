@@ -148,16 +148,26 @@ class LocalSGDCallback(TrainerCallback):
             )
 
     def _warn_if_pushed_checkpoints_lack_state(self, args) -> None:
+        """Trainer pushes a checkpoint (hub_strategy) from inside its save: with another trainer this callback
+        has no say in when that happens relative to the per-rank files (LocalSGDTrainer writes them first)."""
         from .trainer import LocalSGDTrainer  # (trainer.py imports this module)
 
         # (transformers' strategy enums are str enums: they compare equal to their values)
         pushes_checkpoints = getattr(args, "push_to_hub", False) and args.hub_strategy in ("checkpoint", "all_checkpoints")
-        if pushes_checkpoints and args.save_strategy == "best" and not isinstance(self.trainer, LocalSGDTrainer):
-            logger.warning(
-                "Local SGD: with save_strategy='best', %s pushes a checkpoint before this callback can write its "
-                "%s files into it: the pushed checkpoints lack them (the local ones have them). LocalSGDTrainer "
-                "writes them first.", type(self.trainer).__name__, STATE_FILE,
-            )
+        if not pushes_checkpoints or isinstance(self.trainer, LocalSGDTrainer):
+            return
+        world_size = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
+        if args.save_strategy == "best":
+            missing = "lack them (save_strategy='best' decides to save after this callback's last chance)"
+        elif world_size > 1:
+            missing = "may lack other ranks' files (no barrier between their writes and rank 0's push)"
+        else:
+            return
+        logger.warning(
+            "Local SGD: checkpoints pushed by hub_strategy=%r %s; the local checkpoints have every %s file. "
+            "LocalSGDTrainer writes them before the push.", getattr(args.hub_strategy, "value", args.hub_strategy),
+            missing, STATE_FILE,
+        )
 
     def _find_ddp(self, model) -> DistributedDataParallel | None:
         world_size = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
@@ -260,7 +270,7 @@ class LocalSGDCallback(TrainerCallback):
     def on_save(self, args, state, control, optimizer=None, **kwargs):
         # save_strategy="best" decides to save only after evaluating. LocalSGDTrainer has written the state
         # before Trainer saved (and pushed); with another trainer, this is the first moment it can.
-        self.save_state(args, state, optimizer)
+        self.write_state(args, state, optimizer)
         self._restore_local_weights()
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -308,7 +318,7 @@ class LocalSGDCallback(TrainerCallback):
     def _before_trainer_io(self, args, state, control, optimizer) -> None:
         """Runs right before Trainer evaluates and/or saves (both come after on_step_end / on_epoch_end)."""
         if control.should_save:
-            self.save_state(args, state, optimizer)
+            self.write_state(args, state, optimizer)
         if (control.should_save or control.should_evaluate) and self._local_weights is None:
             if not self.engine.model_is_global:
                 self._local_weights = self.engine.local_params()
@@ -319,7 +329,7 @@ class LocalSGDCallback(TrainerCallback):
             self.engine.load_params(self._local_weights)
             self._local_weights = None
 
-    def save_state(self, args, state, optimizer) -> None:
+    def write_state(self, args, state, optimizer) -> None:
         """Write this rank's state (engine, local weights, inner optimizer) into this step's checkpoint
         directory, once per step."""
         if self._state_written_at == state.global_step:

@@ -69,8 +69,9 @@ class LocalSGDTrainer(Trainer):
         # Each rank's local-SGD state goes into the checkpoint before Trainer pushes it (hub_strategy): with
         # save_strategy="best" the decision to save comes after the callback's last chance to write it, and
         # rank 0 must not push before the other ranks have written theirs.
-        self.local_sgd.save_state(self.args, self.state, self.optimizer)
-        self.accelerator.wait_for_everyone()
+        if self.local_sgd.engine is not None:  # (None outside training)
+            self.local_sgd.write_state(self.args, self.state, self.optimizer)
+            self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *posargs, **kwargs):

@@ -203,7 +203,7 @@ def test_best_checkpoints_hold_the_state_when_pushed(trainer_class, tmp_path, mo
         trainer.train()
     assert pushed  # at least the first evaluation is a new best
     has_state = ["local_sgd_rank0.pt" in files for files in pushed.values()]
-    warned = "pushed checkpoints lack them" in caplog.text
+    warned = "hub_strategy='checkpoint' lack them" in caplog.text
     if trainer_class is LocalSGDTrainer:
         assert all(has_state) and not warned
     else:
