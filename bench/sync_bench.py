@@ -17,8 +17,8 @@ What is timed, per repetition, each case once, in an order rotated every repetit
 
 - ``all_reduce fp32``: ``dist.all_reduce`` (SUM) of a flat float32 tensor of ``numel`` elements (refilled
   with ones before each call so the values never grow).
-- ``engine <opt> ...``: one ``RoundEngine.sync()``: copy of the model into a flat buffer, outer gradient,
-  all-reduce, outer optimizer step and LR scheduler step, copy of the global model back into the model.
+- ``engine <opt> ...``: one ``RoundEngine.sync()``: outer gradient written into a flat buffer, all-reduce,
+  outer optimizer step and LR scheduler step, copy of the global model back into the model.
   Before it the model's weights are moved by a rank-dependent amount (one ``_foreach_add_``, untimed) and
   ``engine.inner_step`` is set to 1, so that every sync has a real round to average. One engine per case,
   all over the same model: average / nesterov / schedule_free with float32 communication, nesterov with
@@ -38,9 +38,10 @@ all-reduce's median (the target is on this ratio), then the median CPU time of t
 interval (all threads, gloo's included; slowest rank) and its ratio: wall times swing with other jobs on a
 shared machine, CPU times much less. ``--json PATH`` also writes every sample.
 
-When the processes leave no core idle (one thread each, as many processes as cores) the script also prints a
-floor: ``(all_reduce cpu + passes cpu) / all_reduce``. Nothing overlaps the all-reduce with the passes then,
-so no float32 sync that keeps a global copy can take less.
+When the processes leave no core idle (one thread each, as many processes as cores) the script also prints
+this engine's floor on the machine: ``(all_reduce cpu + passes cpu) / all_reduce``. Nothing can overlap the
+all-reduce with the passes then (the cores are busy with one or the other), so a sync of this engine cannot take
+much less; only fewer or cheaper passes could lower it.
 """
 
 from __future__ import annotations
@@ -239,13 +240,14 @@ def main() -> int:
                   f"{r['ratio']:>14.2f}{r['cpu_median_s'] * 1e3:>9.1f}{r['cpu_ratio']:>7.2f}")
         print(f"replicas identical after a sync: {'yes' if replicas_equal else 'NO'}")
         # A sync is the all-reduce plus the passes. When the processes leave no core idle (1 thread each,
-        # as many processes as cores), they cannot overlap: each process's CPU time is at least both CPU
-        # times, and so is its wall time. That bounds any fp32 sync that keeps a global copy, on this machine.
+        # as many processes as cores), the two cannot overlap: the cores' time over a sync is at least the
+        # processes' CPU time for both, so its wall time is about their sum at least (this engine's floor).
         cores = os.cpu_count() or 1
-        floor = (base_cpu + results[PASSES]["cpu_median_s"]) / base
+        floor = None
         if world * torch.get_num_threads() >= cores:
-            print(f"floor on this machine ({cores} cores, all busy): (all_reduce cpu + passes cpu) / all_reduce "
-                  f"= {floor:.2f}")
+            floor = (base_cpu + results[PASSES]["cpu_median_s"]) / base
+            print(f"this engine's floor here ({cores} cores, all busy): (all_reduce cpu + passes cpu) / "
+                  f"all_reduce = {floor:.2f}")
         ratio = results[TARGET_CASE]["ratio"]
         failed = ratio > args.target or not replicas_equal
         verdict = "TARGET MISSED" if failed else "target met"
