@@ -253,7 +253,9 @@ class RoundEngine:
         payload = self._sync_payload_bytes + cached * self.comm_dtype.itemsize  # the cache travels in comm_dtype
         # The all-reduce leaves a sum (float32) or already the mean (narrower comm_dtype): divide by `k`.
         delta, tail, k = self._outer_gradient()  # delta holds K·Δ when k = K
-        if self.track_metrics:  # before the step, which may divide `delta` in place; read after the copy
+        # Metrics: the norms are taken now, before the step (which may divide `delta` in place), and read
+        # (.tolist()) only after the copy back, so the host does not wait for the device mid-sync.
+        if self.track_metrics:
             norms = torch.stack([tail[0] / k, delta.dot(delta) / k**2])  # mean_k ‖Δ_k‖², ‖Δ‖²
         if self._grad_cache is not None:  # last round's first gradients, averaged by the same all-reduce
             grad_sum, mean_sq_grad = tail[int(self.track_metrics) : -1], tail[-1].item() / k

@@ -93,7 +93,9 @@ def build_model_config(name: str, vocab_size: int | None = None, **overrides) ->
         name: one of `MODEL_CONFIGS`.
         vocab_size: embedding rows; `None` keeps the paper's. The training script passes `len(tokenizer)`,
             so a recipe that swaps the tokenizer still gets a model whose embeddings match it.
-        overrides: other config attributes to set, e.g. the tokenizer's `bos_token_id` / `eos_token_id`.
+        overrides: other config arguments, e.g. the tokenizer's `bos_token_id` / `eos_token_id`. They go to
+            the config's constructor, which validates them together with the rest: e.g. a `num_layers`
+            override of a GPT-Neo config needs a matching `attention_types`.
     """
     if name not in MODEL_CONFIGS:
         raise ValueError(f"model_config: unknown model {name!r}; choose one of {sorted(MODEL_CONFIGS)}")
