@@ -129,8 +129,8 @@ def test_engine_in_a_plain_accelerate_loop(tmp_path):
 
 
 def test_engine_outer_steps_match_float64_references(tmp_path):
-    """The all-reduce sums float32 outer gradients and the outer step divides by K; bfloat16 is divided before
-    it. Either way every optimizer must follow its float64 reference on the mean outer gradient."""
+    """The all-reduce sums the outer gradients (float32, or written once in bfloat16) and the outer step
+    divides by K: every optimizer must follow its float64 reference on the mean outer gradient."""
     r0, r1 = run_worker("outer_reference", tmp_path)
     assert len(r0["errors"]) == 12 and {k.split(" buckets=")[1] for k in r0["errors"]} == {"1", "4"}
     for result in (r0, r1):
