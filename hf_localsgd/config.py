@@ -13,6 +13,7 @@ validates them before any model or data is loaded.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -190,8 +191,8 @@ class LocalSGDArguments:
                      "sync_every_schedule='inverse_lr' does not know (it follows the inner lr): use 'constant'")
         if self.outer_optimizer not in OUTER_OPTIMIZERS:
             fail("outer_optimizer", f"must be one of {OUTER_OPTIMIZERS}, got {self.outer_optimizer!r}")
-        if self.outer_lr is not None and self.outer_lr < 0:
-            fail("outer_lr", f"must be >= 0, got {self.outer_lr}")
+        if self.outer_lr is not None and not (math.isfinite(self.outer_lr) and self.outer_lr >= 0):
+            fail("outer_lr", f"must be a finite number >= 0, got {self.outer_lr}")
         if self.outer_momentum is not None and not 0 <= self.outer_momentum < 1:
             fail("outer_momentum", f"must be in [0, 1), got {self.outer_momentum}")
         if self.outer_optimizer == "average":
@@ -217,8 +218,8 @@ class LocalSGDArguments:
             )
         if not 0 <= self.pseudo_sync_prob < 1:
             fail("pseudo_sync_prob", f"must be in [0, 1), got {self.pseudo_sync_prob}")
-        if self.pseudo_sync_rate <= 0:
-            fail("pseudo_sync_rate", f"must be > 0, got {self.pseudo_sync_rate}")
+        if not (math.isfinite(self.pseudo_sync_rate) and self.pseudo_sync_rate > 0):
+            fail("pseudo_sync_rate", f"must be a finite number > 0, got {self.pseudo_sync_rate}")
         if self.pseudo_sync_rate_schedule not in ("constant", "inverse_lr"):
             fail("pseudo_sync_rate_schedule", f"must be 'constant' or 'inverse_lr', got {self.pseudo_sync_rate_schedule!r}")
         if self.pseudo_sync_prob > 0 and getattr(self, "fp16", False):

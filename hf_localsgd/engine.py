@@ -134,8 +134,10 @@ class RoundEngine:
             raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb}")
         if not 0 <= pseudo_sync_prob < 1:
             raise ValueError(f"pseudo_sync_prob must be in [0, 1), got {pseudo_sync_prob}")
-        if pseudo_sync_rate <= 0:
-            raise ValueError(f"pseudo_sync_rate must be > 0, got {pseudo_sync_rate}")
+        if not (math.isfinite(pseudo_sync_rate) and pseudo_sync_rate > 0):
+            raise ValueError(f"pseudo_sync_rate must be a finite number > 0, got {pseudo_sync_rate}")
+        if outer_lr is not None and not (math.isfinite(outer_lr) and outer_lr >= 0):
+            raise ValueError(f"outer_lr must be a finite number >= 0, got {outer_lr}")
         if lr_scaling not in LR_SCALINGS:
             raise ValueError(f"lr_scaling must be one of {LR_SCALINGS}, got {lr_scaling!r}")
 
@@ -149,8 +151,10 @@ class RoundEngine:
         self.device = devices.pop()
         self.state_device = self.device if state_device == "model" else torch.device(state_device)
 
-        self._sync_every_schedule = sync_every if callable(sync_every) else None
-        self.sync_every = sync_every if not callable(sync_every) else 0  # H of the current round
+        # H of each round, asked when the round starts: a resumed run keeps the H of the round in progress (from
+        # its checkpoint) and takes this run's H from the next round on.
+        self._sync_every_schedule = sync_every if callable(sync_every) else (lambda step: sync_every)
+        self.sync_every = 0  # H of the current round
         self.outer_optimizer_name = outer_optimizer
         self.warmup_steps = warmup_steps
         self.comm_dtype = comm_dtype
@@ -280,11 +284,10 @@ class RoundEngine:
 
     def _start_round(self) -> None:
         """Fix the H of the round that starts now (a communication schedule is asked once per round)."""
-        if self._sync_every_schedule is not None:
-            h = int(self._sync_every_schedule(self.num_steps))
-            if h < 1:
-                raise ValueError(f"the sync_every schedule gave H={h} at step {self.num_steps}")
-            self.sync_every = h
+        h = int(self._sync_every_schedule(self.num_steps))
+        if h < 1:
+            raise ValueError(f"the sync_every schedule gave H={h} at step {self.num_steps}")
+        self.sync_every = h
 
     # ------------------------------------------------------------------ PALSGD
     def draw_pseudo_sync(self) -> bool:
@@ -512,6 +515,11 @@ class RoundEngine:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"Checkpoint was written by {state['world_size']} replicas, this run has {self.world_size}: each "
+                "replica resumes its own weights and inner-optimizer state, so resume with as many processes"
+            )
         if state["outer_optimizer_name"] != self.outer_optimizer_name:
             raise ValueError(
                 f"Checkpoint was trained with outer_optimizer={state['outer_optimizer_name']!r}, "
@@ -524,7 +532,10 @@ class RoundEngine:
         self.num_steps = state["num_steps"]
         self.inner_step = state["inner_step"]
         self.num_syncs = state["num_syncs"]
+        # The round in progress keeps the H it started with; one that has not started asks this run's H.
         self.sync_every = state["sync_every"]
+        if self.inner_step == 0:
+            self._start_round()
         self.bytes_sent = state["bytes_sent"]
         self.seconds_in_sync = state["seconds_in_sync"]
         self.pseudo_syncs_in_round = state["pseudo_syncs_in_round"]

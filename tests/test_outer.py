@@ -187,6 +187,27 @@ def test_state_dict_resumes_exactly_mid_round():
 
     with pytest.raises(ValueError, match="outer_optimizer"):
         RoundEngine(model(), sync_every=4, outer_optimizer="nesterov").load_state_dict(saved["engine"])
+    with pytest.raises(ValueError, match="written by 2 replicas, this run has 1"):
+        RoundEngine(model(), sync_every=4, outer_optimizer="schedule_free").load_state_dict(
+            {**saved["engine"], "world_size": 2})
+
+
+def test_a_resumed_run_takes_its_own_sync_every_from_the_next_round():
+    m, g = model(), torch.Generator().manual_seed(3)
+    engine = RoundEngine(m, sync_every=4, outer_optimizer="nesterov")
+    for _ in range(6):  # a round of 4, two steps into the next
+        local_steps(m, 1, g)
+        engine.step()
+    resumed = RoundEngine(model(), sync_every=3, outer_optimizer="nesterov")
+    resumed.load_state_dict(engine.state_dict())
+    syncs = [step for step in range(7, 14) if resumed.step()]
+    assert syncs == [8, 11]  # the round in progress keeps H = 4; the next ones have H = 3
+    at_boundary = RoundEngine(model(), sync_every=3, outer_optimizer="nesterov")
+    for _ in range(2):
+        local_steps(m, 1, g)
+        engine.step()  # the sync at step 8: the next round has not started
+    at_boundary.load_state_dict(engine.state_dict())
+    assert at_boundary.sync_every == 3
 
 
 def test_global_model_context_swaps_and_restores():
@@ -230,7 +251,8 @@ def test_outer_lr_schedules():
      ("outer_lr_scheduler", "step"), ("outer_lr_plateau_fraction", 1.0), ("local_sgd_warmup_steps", 100),
      ("local_sgd_warmup_steps", -1), ("outer_state_device", "cuda"), ("outer_comm_dtype", "float16"),
      ("deepspeed", "ds_config.json"), ("fsdp", "full_shard"), ("pseudo_sync_prob", 1.0),
-     ("pseudo_sync_rate", 0.0), ("data_partition", "by_class")],
+     ("pseudo_sync_rate", 0.0), ("pseudo_sync_rate", float("inf")), ("outer_lr", float("nan")),
+     ("data_partition", "by_class")],
 )
 def test_invalid_options_name_the_field(field, value, tmp_path):
     with pytest.raises(ValueError, match=rf"^{field}: "):
@@ -273,7 +295,8 @@ def test_mixin_next_to_another_trainer_config(tmp_path):
 
 def test_engine_validates_arguments():
     for kwargs, match in (({"sync_every": 0}, "sync_every"), ({"sync_every": 2, "outer_optimizer": "sgd"},
-                          "outer_optimizer"), ({"sync_every": 2, "comm_dtype": "int8"}, "comm_dtype")):
+                          "outer_optimizer"), ({"sync_every": 2, "comm_dtype": "int8"}, "comm_dtype"),
+                          ({"sync_every": 2, "outer_lr": float("nan")}, "outer_lr")):
         with pytest.raises(ValueError, match=match):
             RoundEngine(model(), **kwargs)
     frozen = model()
