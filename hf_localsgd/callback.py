@@ -62,6 +62,7 @@ class LocalSGDCallback(TrainerCallback):
         self.trainer = None
         self.resume_from_checkpoint: str | None = None
         self._ddp: DistributedDataParallel | None = None
+        self.training = False  # between on_train_begin and on_train_end
         self._local_weights: torch.Tensor | None = None  # this replica's weights while the global model is in
         self._state_written_at: int | None = None
         # PALSGD, for the step in progress: whether it is a pseudo-synchronization, the inner lr α_t, and
@@ -81,6 +82,7 @@ class LocalSGDCallback(TrainerCallback):
         """Create the callback, bind it to `trainer` (so it can reach the DDP wrapper) and add it."""
         callback = cls(config, process_group)
         callback.trainer = trainer
+        callback._check_supported(trainer.args)  # now, rather than after Trainer has prepared the model
         trainer.add_callback(callback)
         return callback
 
@@ -92,7 +94,15 @@ class LocalSGDCallback(TrainerCallback):
                 "LocalSGDCallback needs the local-SGD options: pass LocalSGDCallback(LocalSGDArguments(...)) "
                 f"or train with a LocalSGDConfig; got args of type {type(args).__name__}"
             )
+        if config.local_sgd_warmup_steps >= state.max_steps:  # epoch-based runs learn max_steps only now
+            raise ValueError(
+                f"local_sgd_warmup_steps ({config.local_sgd_warmup_steps}) must be shorter than the run "
+                f"({state.max_steps} steps), or no local round would ever run"
+            )
         self._train_started = time.perf_counter()
+        self._state_written_at = None  # (a second train() call writes its checkpoints' state again)
+        self._local_weights = None
+        self.training = True
         handler = getattr(self.trainer, "callback_handler", None)
         self._progress = next((cb for cb in handler.callbacks if isinstance(cb, ProgressCallback)), None) if handler else None
         self._check_supported(args)
@@ -102,6 +112,12 @@ class LocalSGDCallback(TrainerCallback):
             # Trainer would all-gather token counts on every step: communication local steps must not make.
             logger.warning("Local SGD: setting average_tokens_across_devices=False (an all-gather on every step)")
             args.average_tokens_across_devices = False
+        if self._ddp is not None and getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False):
+            logger.warning(
+                "Local SGD: include_num_input_tokens_seen=%r all-gathers a token count on every micro-batch, a "
+                "small collective in every inner step; set it to 'no' for no communication between syncs",
+                args.include_num_input_tokens_seen,
+            )
 
         start, end = config.local_sgd_warmup_steps, state.max_steps
         sync_every = sync_every_schedule(
@@ -274,10 +290,13 @@ class LocalSGDCallback(TrainerCallback):
         self._restore_local_weights()
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._restore_local_weights()
+        self.training = False
         if args.load_best_model_at_end and state.best_model_checkpoint is not None:
+            # Trainer has loaded the best checkpoint's global model over whatever the model held.
+            self._local_weights = None
             logger.info("Local SGD: keeping the best checkpoint's global model loaded by Trainer")
         else:
+            self._restore_local_weights()
             if self.engine.sync():  # a callback stopped training early, mid-round
                 self._log_round()
             # What is saved, evaluated and pushed after training is the global model (schedule-free: x).
@@ -319,10 +338,16 @@ class LocalSGDCallback(TrainerCallback):
         """Runs right before Trainer evaluates and/or saves (both come after on_step_end / on_epoch_end)."""
         if control.should_save:
             self.write_state(args, state, optimizer)
-        if (control.should_save or control.should_evaluate) and self._local_weights is None:
-            if not self.engine.model_is_global:
-                self._local_weights = self.engine.local_params()
-                self.engine.load_params(self.engine.global_model_params())
+        if control.should_save or control.should_evaluate:
+            self.load_global_model()
+
+    def load_global_model(self) -> None:
+        """Put the global model (schedule-free: x) into the model until the next inner step, keeping this
+        replica's weights aside. Idempotent; LocalSGDTrainer also calls it from `evaluate` and its checkpoint
+        save, for the evaluations and saves that callbacks running after this one ask for."""
+        if self.training and self._local_weights is None and not self.engine.model_is_global:
+            self._local_weights = self.engine.local_params()
+            self.engine.load_params(self.engine.global_model_params())
 
     def _restore_local_weights(self) -> None:
         if self._local_weights is not None:
@@ -335,7 +360,7 @@ class LocalSGDCallback(TrainerCallback):
         if self._state_written_at == state.global_step:
             return
         local = self._local_weights if self._local_weights is not None else self.engine.local_params()
-        checkpoint_dir = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        checkpoint_dir = self._checkpoint_dir(args, state)
         os.makedirs(checkpoint_dir, exist_ok=True)
         rank = dist.get_rank() if dist.is_initialized() else 0
         torch.save(
@@ -348,19 +373,41 @@ class LocalSGDCallback(TrainerCallback):
         )
         self._state_written_at = state.global_step
 
+    def _checkpoint_dir(self, args, state) -> str:
+        """This step's checkpoint folder, where Trainer puts it (a hyperparameter-search trial's run folder
+        included)."""
+        run_dir = args.output_dir
+        if hasattr(self.trainer, "_get_output_dir"):
+            run_dir = self.trainer._get_output_dir(getattr(self.trainer, "_trial", None))
+        return os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
     def _resume(self, args, state, model, optimizer) -> None:
         rank = dist.get_rank() if dist.is_initialized() else 0
         candidates = [
             self.resume_from_checkpoint,
             args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None,
-            os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"),
+            self._checkpoint_dir(args, state),
         ]
         path = next((state_file(c, rank) for c in candidates if c and os.path.isfile(state_file(c, rank))), None)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank resumes its own replica, or none does: some resuming mid-round while others start new
+            # rounds would pair different steps in their outer all-reduces. (Each rank looks for its own file,
+            # so checkpoints on each node's own disk work.)
+            found = torch.tensor([float(path is not None)], device=self.engine.device)
+            dist.all_reduce(found)
+            found, world_size = int(found.item()), dist.get_world_size()
+            if 0 < found < world_size:
+                raise ValueError(
+                    f"{found} of {world_size} ranks found their {STATE_FILE.format(rank='*')} file in the checkpoint "
+                    "(written by another number of processes, or not visible to every rank): resume with as many "
+                    "processes as wrote it, or delete those files to start new rounds from the checkpoint's "
+                    "global model (outer-optimizer state reset)"
+                )
         if path is None:
             logger.warning(
-                "Local SGD: resuming at step %d without a %s file for rank %d; starting new rounds from the "
+                "Local SGD: resuming at step %d from a checkpoint without %s files; starting new rounds from the "
                 "loaded model (inner-optimizer state is rank 0's, outer-optimizer state is reset).",
-                state.global_step, STATE_FILE.format(rank=rank), rank,
+                state.global_step, STATE_FILE.format(rank="*"),
             )
             self.engine.num_steps = state.global_step
             return

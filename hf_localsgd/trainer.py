@@ -2,7 +2,8 @@
 
 A thin subclass: the work is done by `LocalSGDCallback`, attached at construction. The overrides: `train` (to
 tell the callback which checkpoint it resumes from), `_save_checkpoint` (to write each rank's state before
-Trainer pushes the checkpoint), `create_model_card` (to record the method), and, for PALSGD and
+Trainer pushes the checkpoint) and `evaluate` (both also put the global model in, whichever callback asked
+for them), `create_model_card` (to record the method), and, for PALSGD and
 `data_partition="by_label"`, `training_step` and `_get_train_sampler`.
 
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml my_script.py   # any Trainer script:
@@ -68,11 +69,20 @@ class LocalSGDTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         # Each rank's local-SGD state goes into the checkpoint before Trainer pushes it (hub_strategy): with
         # save_strategy="best" the decision to save comes after the callback's last chance to write it, and
-        # rank 0 must not push before the other ranks have written theirs.
-        if self.local_sgd.engine is not None:  # (None outside training)
+        # rank 0 must not push before the other ranks have written theirs. What is saved is the global model,
+        # also when a callback after LocalSGDCallback asked for the save.
+        if self.local_sgd.training:
             self.local_sgd.write_state(self.args, self.state, self.optimizer)
+            self.local_sgd.load_global_model()
             self.accelerator.wait_for_everyone()
         super()._save_checkpoint(model, trial)
+
+    def evaluate(self, *posargs, **kwargs):
+        # During training, the global model is evaluated (schedule-free: x), also when a callback after
+        # LocalSGDCallback asked for the evaluation; this replica's weights come back before the next step.
+        if self.local_sgd.training:
+            self.local_sgd.load_global_model()
+        return super().evaluate(*posargs, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *posargs, **kwargs):
         if resume_from_checkpoint is True:  # left True when there is none, so that Trainer raises its error

@@ -9,6 +9,7 @@ Scenarios:
   forward passes broadcast nothing.
 - `ddp_equivalence`: H = 1, outer `average`, inner plain SGD vs ordinary DDP `Trainer`, same data and seed.
 - `resume`: an uninterrupted run vs the same run resumed from a mid-round checkpoint.
+- `resume_without_every_rank`: a checkpoint that lacks one rank's state file stops every rank with an error.
 - `outer_reference`: the engine alone against float64 references of every outer optimizer, both
   communication dtypes, state on the model's device and offloaded in buckets.
 """
@@ -247,6 +248,27 @@ def scenario_resume(out_dir: str, outer_optimizer: str = "schedule_free", pseudo
         "checkpoints": sorted(os.listdir(os.path.join(out_dir, "full"))),
         "checkpoint_files": sorted(os.listdir(checkpoint)),
     }
+
+
+def scenario_resume_without_every_rank(out_dir: str) -> dict:
+    """A mid-round checkpoint that lacks rank 1's state file (as if written by one process): every rank must
+    stop with the same error rather than rank 0 resume mid-round and rank 1 start new rounds."""
+    def trainer(output):
+        args = LocalSGDConfig(**common_args(os.path.join(out_dir, output), max_steps=6, save_strategy="steps",
+                                            save_steps=5), sync_every=4, outer_optimizer="nesterov")
+        return LocalSGDTrainer(model=tiny_model(), args=args, train_dataset=dataset())
+
+    trainer("full").train()
+    checkpoint = os.path.join(out_dir, "full", "checkpoint-5")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        os.remove(os.path.join(checkpoint, "local_sgd_rank1.pt"))
+    dist.barrier()
+    try:
+        trainer("resumed").train(resume_from_checkpoint=checkpoint)
+    except ValueError as error:
+        return {"error": str(error)}
+    return {"error": None}
 
 
 def scenario_push(out_dir: str) -> dict:
@@ -505,6 +527,9 @@ def main() -> None:
     result["world_size"] = dist.get_world_size()
     with open(os.path.join(out_dir, f"result_rank{dist.get_rank()}.json"), "w") as f:
         json.dump(result, f)
+    # Leave together: a rank that exits while the other still talks to it can abort gloo's threads.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -120,6 +120,11 @@ def test_push_to_hub_pushes_global_model(tmp_path):
         assert text in card, text
 
 
+def test_resuming_from_a_checkpoint_without_every_rank_state_stops_every_rank(tmp_path):
+    r0, r1 = run_worker("resume_without_every_rank", tmp_path)
+    assert r0["error"] == r1["error"] and r0["error"].startswith("1 of 2 ranks found their local_sgd_rank*.pt")
+
+
 def test_engine_in_a_plain_accelerate_loop(tmp_path):
     """The README example: 10 steps with H = 4, then the final partial round."""
     r0, r1 = run_worker("accelerate_loop", tmp_path)

@@ -113,6 +113,13 @@ def test_sharded_setups_stop_at_start(distributed_type):
     with pytest.raises(RuntimeError, match=distributed_type):
         callback.on_train_begin(SimpleNamespace(n_gpu=1), SimpleNamespace(max_steps=10, global_step=0), None,
                                 model=tiny_model())
+    # attach (what LocalSGDTrainer's constructor calls) refuses already, before Trainer prepares the model
+    added = []
+    trainer = SimpleNamespace(accelerator=callback.trainer.accelerator, args=SimpleNamespace(n_gpu=1),
+                              add_callback=added.append)
+    with pytest.raises(RuntimeError, match=distributed_type):
+        LocalSGDCallback.attach(trainer, LocalSGDArguments())
+    assert not added
 
 
 class PostfixProbe(TrainerCallback):
@@ -210,3 +217,84 @@ def test_best_checkpoints_hold_the_state_when_pushed(trainer_class, tmp_path, mo
         assert not any(has_state) and warned
     for folder in pushed:  # either way the local checkpoints have it in the end
         assert os.path.isfile(os.path.join(folder, "local_sgd_rank0.pt"))
+
+
+def test_load_best_model_at_end_keeps_the_best_checkpoint(tmp_path):
+    """Trainer loads the best checkpoint before on_train_end: this replica's weights, set aside for the last
+    evaluation, must not come back over it."""
+    from safetensors.torch import load_file
+
+    # greater_is_better on the loss: the first evaluation (step 3, mid-round) stays the best and only checkpoint
+    args = config(tmp_path, eval_strategy="steps", eval_steps=3, save_strategy="best", metric_for_best_model="loss",
+                  greater_is_better=True, load_best_model_at_end=True)
+    trainer = LocalSGDTrainer(model=tiny_model(), args=args, train_dataset=data(), eval_dataset=data(8))
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-3")
+    best = load_file(os.path.join(trainer.state.best_model_checkpoint, "model.safetensors"))
+    weights = trainer.model.state_dict()
+    assert all(torch.equal(weights[name], tensor) for name, tensor in best.items())
+    assert not torch.equal(flat(trainer.model), trainer.local_sgd.engine.global_model_params())  # not step 10's
+
+
+class AskAt(TrainerCallback):
+    """Added after LocalSGDCallback: asks for an evaluation and a save mid-round, and records what is evaluated."""
+
+    def __init__(self, trainer, step):
+        self.trainer, self.step, self.evaluated = trainer, step, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_evaluate = control.should_save = True
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self.evaluated.append(torch.equal(flat(model), self.trainer.local_sgd.engine.global_model_params()))
+
+
+def test_evaluations_and_saves_asked_by_later_callbacks_see_the_global_model(tmp_path):
+    from safetensors.torch import load_file
+
+    reference = LocalSGDTrainer(model=tiny_model(), args=config(tmp_path / "a", outer_optimizer="nesterov"),
+                                train_dataset=data())
+    reference.train()
+    trainer = LocalSGDTrainer(model=tiny_model(), args=config(tmp_path / "b", outer_optimizer="nesterov"),
+                              train_dataset=data(), eval_dataset=data(8))
+    probe = AskAt(trainer, 6)  # mid-round: H = 4
+    trainer.add_callback(probe)
+    trainer.train()
+    assert probe.evaluated == [True]
+    saved = load_file(os.path.join(tmp_path / "b", "checkpoint-6", "model.safetensors"))
+    state = torch.load(os.path.join(tmp_path / "b", "checkpoint-6", "local_sgd_rank0.pt"), weights_only=True)
+    names = [name for name, _ in trainer.model.named_parameters()]  # (the tied lm_head is not saved)
+    assert torch.equal(torch.cat([saved[name].reshape(-1) for name in names]), state["engine"]["global_params"])
+    assert not torch.equal(state["local_params"], state["engine"]["global_params"])
+    assert torch.equal(flat(reference.model), flat(trainer.model))  # and training went on with the local weights
+
+
+def test_a_second_train_call_writes_the_state_again(tmp_path):
+    trainer = LocalSGDTrainer(model=tiny_model(), args=config(tmp_path / "a", max_steps=6, save_strategy="steps",
+                                                              save_steps=6), train_dataset=data())
+    trainer.train()
+    trainer.args.output_dir = str(tmp_path / "b")
+    trainer.train()
+    assert os.path.isfile(os.path.join(tmp_path / "b", "checkpoint-6", "local_sgd_rank0.pt"))
+
+
+def test_a_warmup_as_long_as_an_epoch_based_run_is_an_error(tmp_path):
+    # 64 samples / 4 per step: 16 steps, known only when training starts
+    args = config(tmp_path, max_steps=-1, num_train_epochs=1, local_sgd_warmup_steps=16)
+    trainer = LocalSGDTrainer(model=tiny_model(), args=args, train_dataset=data())
+    with pytest.raises(ValueError, match=r"local_sgd_warmup_steps \(16\) must be shorter than the run \(16 steps\)"):
+        trainer.train()
+
+
+def test_resuming_with_another_number_of_ranks_is_an_error(tmp_path):
+    trainer = LocalSGDTrainer(model=tiny_model(), args=config(tmp_path / "a", max_steps=6, save_strategy="steps",
+                                                              save_steps=6), train_dataset=data())
+    trainer.train()
+    path = tmp_path / "a" / "checkpoint-6" / "local_sgd_rank0.pt"
+    saved = torch.load(path, weights_only=True)
+    saved["engine"]["world_size"] = 2  # as if rank 0 of two had written it
+    torch.save(saved, path)
+    resumed = LocalSGDTrainer(model=tiny_model(), args=config(tmp_path / "b"), train_dataset=data())
+    with pytest.raises(ValueError, match="written by 2 replicas, this run has 1"):
+        resumed.train(resume_from_checkpoint=str(path.parent))
