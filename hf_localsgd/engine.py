@@ -11,10 +11,11 @@ float32 copy of the global model, the outer optimizer, and a process group. Use 
         engine.step()                        # every 16th call: one all-reduce and one outer step
     engine.sync()                            # the last, partial round
 
-Communication: one all-reduce of the flattened outer gradient per round, in ``comm_dtype``, over
-``process_group`` (the default group when ``None``). With ``state_device="cpu"`` the global copy and the
-outer-optimizer state live in host memory and the outer gradient crosses the device in buckets of
-``bucket_size_mb``; otherwise everything is a single flat tensor on the model's device.
+Communication: one all-reduce of the flattened outer gradient per round (one per ``bucket_size_mb`` bucket of
+it), in ``comm_dtype``, over ``process_group`` (the default group when ``None``). With ``state_device="cpu"``
+the global copy and the outer-optimizer state live in host memory and the outer gradient crosses the device
+bucket by bucket; otherwise the global copy, the outer state and the outer gradient are single flat tensors on
+the model's device.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ class RoundEngine:
             raise ValueError(f"lr_scaling must be one of {LR_SCALINGS}, got {lr_scaling!r}")
 
         params = model.parameters() if isinstance(model, nn.Module) else model
-        self.params = [p for p in params if p.requires_grad]
+        self.params = [p for p in params if p.requires_grad and p.numel() > 0]  # (empty ones carry nothing)
         if not self.params:
             raise ValueError("The model has no trainable parameters")
         devices = {p.device for p in self.params}
@@ -207,7 +208,9 @@ class RoundEngine:
                     ", ".join(drifting[:3]), ", ..." if len(drifting) > 3 else "",
                 )
         else:
-            logger.info(
+            # A warning, so that it shows: one process is often a launch that did not start the others
+            # (e.g. `accelerate launch --cpu --num_processes 2` starts one).
+            logger.warning(
                 "RoundEngine: world size 1, the outer step applies %s to the single replica's update and "
                 "nothing is communicated.",
                 outer_optimizer,
@@ -307,6 +310,8 @@ class RoundEngine:
     def pseudo_sync(self, lr: float) -> None:
         """x_k <- x_k - (α η / p) (x_k - x): pull this replica toward its copy of the global model, with no
         data, gradient or communication (seed 001 Alg. 1)."""
+        if self.pseudo_sync_prob == 0:
+            raise RuntimeError("pseudo_sync() is PALSGD's step and needs pseudo_sync_prob > 0")
         weight = lr * self.pseudo_sync_rate / self.pseudo_sync_prob
         for start, end, params in self._buckets:
             src = self.global_params[start:end].to(self.device, non_blocking=True)
@@ -336,7 +341,13 @@ class RoundEngine:
             global_ = self.global_params[start:end].to(self.device, non_blocking=True)
             # x_r - x_k straight into the flat buffer: one pass per parameter, no flat copy of x_k first.
             for g, p, d in zip(self._views(global_, start, end), params, self._views(body, start, end)):
-                torch.sub(g, p.detach(), out=d)
+                if p.dtype == torch.float32:
+                    torch.sub(g, p.detach(), out=d)
+                else:
+                    # A bfloat16/float16 replica started from x_r rounded to its dtype: Δ_k is its move from
+                    # there. (x_r - x_k would also hand the rounding residual to the outer optimizer every round,
+                    # where momentum accumulates it.) The float32 x_r keeps what the replicas cannot represent.
+                    d.copy_(g.to(p.dtype)).sub_(p.detach())
             if extra:
                 sq_norm = body.dot(body) if sq_norm is None else sq_norm + body.dot(body)
             if last and extra:
@@ -519,6 +530,11 @@ class RoundEngine:
             raise ValueError(
                 f"Checkpoint was written by {state['world_size']} replicas, this run has {self.world_size}: each "
                 "replica resumes its own weights and inner-optimizer state, so resume with as many processes"
+            )
+        if (state["gain"] is None) != (self.gain is None):
+            raise ValueError(
+                f"Checkpoint was trained with lr_scaling {'off' if state['gain'] is None else 'on'}, this run has it "
+                f"{'off' if self.gain is None else 'on'}: the gain ratio's state cannot be made up or dropped exactly"
             )
         if state["outer_optimizer_name"] != self.outer_optimizer_name:
             raise ValueError(

@@ -342,3 +342,48 @@ def test_unsynchronized_buffers_are_the_saved_floating_point_ones():
         vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=16,
         attention_types=[[["global", "local"], 1]], window_size=8, bos_token_id=0, eos_token_id=0))
     assert list(gpt_neo.buffers()) and unsynchronized_buffers(gpt_neo) == []  # masks are not saved
+
+
+@pytest.mark.parametrize("name, lr, momentum", [("nesterov", None, None), ("schedule_free", 0.7, 0.3)])
+def test_bfloat16_replicas_follow_the_float32_run(name, lr, momentum):
+    """A bfloat16 model starts each round from x_r rounded to bfloat16: its outer gradient is its move from
+    there, so a round without local change hands the outer optimizer nothing, as it does in float32. (Against
+    x_r itself, the rounding residual would feed the outer optimizer, and momentum, every round.) The moves of
+    the first round are exact in both dtypes, so both runs must keep identical float32 global copies. (Not for
+    average: its global model is the replicas' mean, which a bfloat16 replica holds exactly.)"""
+    engines = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        m = torch.nn.Linear(4, 4).to(dtype)
+        with torch.no_grad():
+            for i, p in enumerate(m.parameters()):
+                p.copy_(torch.arange(p.numel(), dtype=dtype).reshape(p.shape) / 8 - i)  # exact in bfloat16
+        engine = RoundEngine(m, sync_every=1, outer_optimizer=name, outer_lr=lr, outer_momentum=momentum)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.25)  # exact too
+        engine.step()  # round 1: a real move
+        for _ in range(10):
+            engine.step()  # rounds without local change: the model holds x_r (rounded to its dtype)
+        engines[dtype] = engine
+    float32, bfloat16 = engines[torch.float32], engines[torch.bfloat16]
+    assert not torch.equal(float32.global_params, float32.global_params.bfloat16().float())  # (a test with teeth)
+    assert torch.equal(float32.global_params, bfloat16.global_params)
+
+
+def test_empty_parameters_are_left_out():
+    m = torch.nn.Module()
+    m.empty = torch.nn.Parameter(torch.zeros(0))  # registered first, as a module's own parameters are
+    m.linear = torch.nn.Linear(3, 3)
+    engine = RoundEngine(m, sync_every=1, bucket_size_mb=4 / 2**20)  # several buckets
+    assert engine.numel == 12 and engine.step()
+
+
+def test_engine_refuses_to_resume_with_lr_scaling_switched(tmp_path):
+    saved = RoundEngine(model(), sync_every=2).state_dict()
+    with pytest.raises(ValueError, match="lr_scaling off, this run has it on"):
+        RoundEngine(model(), sync_every=2, lr_scaling="local_adascale").load_state_dict(saved)
+
+
+def test_pseudo_sync_needs_palsgd():
+    with pytest.raises(RuntimeError, match="pseudo_sync_prob > 0"):
+        RoundEngine(model(), sync_every=2).pseudo_sync(0.1)
