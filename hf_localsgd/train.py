@@ -69,7 +69,8 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, ScriptArguments, LocalSGDConf
 
 
 def recipe_flags(parser: HfArgumentParser, path: str) -> list[str]:
-    """The recipe at `path` as command-line flags for `parser`; `null` values become parser defaults.
+    """The recipe at `path` as command-line flags for `parser`; `null` is taken for fields whose default is
+    None, and refused (naming the key) for the others.
 
     Converting to flags (rather than building the dataclasses from the dict) is what makes a recipe's
     `learning_rate: fast` fail the way `--learning_rate fast` does: argparse checks each value's type.
@@ -81,13 +82,16 @@ def recipe_flags(parser: HfArgumentParser, path: str) -> list[str]:
         parser.error(f"cannot read recipe {path}: {err}")
     if not isinstance(recipe, dict):
         parser.error(f"{path}: a recipe is a mapping of `key: value` lines, got {type(recipe).__name__}")
-    known = {f.name for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
+    defaults = {f.name: f.default for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
+    known = set(defaults)
     flags = []
     for key, value in recipe.items():
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             parser.error(f"{path}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         if value is None:
+            if defaults[key] is not None:  # (MISSING, or a value: None would only fail later, far from here)
+                parser.error(f"{path}: {key} cannot be null; remove the line to keep its default")
             parser.set_defaults(**{key: None})
         elif isinstance(value, list):
             flags += [f"--{key}", *map(str, value)]
@@ -111,6 +115,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return tuple(parsed)
+
+
+def resume_argument(value: str | None) -> str | bool | None:
+    """`resume_from_checkpoint` (a string in TrainingArguments) for `Trainer.train`: `true` resumes from the last
+    checkpoint in output_dir, `false` starts anew, anything else is a checkpoint's path."""
+    if value is None:
+        return None
+    return {"true": True, "false": None}.get(value.strip().lower(), value)
 
 
 def build_recipe_model(model_args: ModelArguments, tokenizer, seed: int):
@@ -155,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         preprocess_logits_for_metrics=token_nll,
         compute_metrics=perplexity,
     )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
     trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)

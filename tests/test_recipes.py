@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hf_localsgd.models import build_model_config
-from hf_localsgd.train import parse_args
+from hf_localsgd.train import parse_args, resume_argument
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +99,16 @@ def test_invalid_combination_is_an_error_naming_the_key(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args([write(tmp_path, "output_dir: out\nmax_steps: 10\nlocal_sgd_warmup_steps: 32\n")])
     assert "error: local_sgd_warmup_steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["block_size", "max_steps", "pseudo_sync_prob"])
+def test_null_is_an_error_naming_the_key_unless_the_default_is_none(tmp_path, capsys, key):
+    with pytest.raises(SystemExit):
+        parse_args([write(tmp_path, f"output_dir: out\n{key}: null\n")])
+    assert f"{key} cannot be null" in capsys.readouterr().err
+
+
+def test_resume_from_checkpoint_true_means_the_last_checkpoint():
+    assert resume_argument("true") is True and resume_argument("True") is True
+    assert resume_argument("false") is None and resume_argument(None) is None
+    assert resume_argument("outputs/run/checkpoint-500") == "outputs/run/checkpoint-500"
