@@ -87,6 +87,11 @@ class LocalSGDCallback(TrainerCallback):
         return callback
 
     # ------------------------------------------------------------------ setup
+    @property
+    def _world_size(self) -> int:
+        """The number of replicas this callback averages over."""
+        return dist.get_world_size(self.process_group) if dist.is_initialized() else 1
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         config = self._config = self.config if self.config is not None else args
         if not isinstance(config, LocalSGDArguments):
@@ -108,6 +113,12 @@ class LocalSGDCallback(TrainerCallback):
         self._check_supported(args)
         self._warn_if_pushed_checkpoints_lack_state(args)
         self._ddp = self._find_ddp(model)
+        if self._ddp is None and self._world_size > 1 and config.local_sgd_warmup_steps > 0:
+            raise RuntimeError(
+                f"local_sgd_warmup_steps={config.local_sgd_warmup_steps} runs synchronous data-parallel steps, but "
+                "Trainer did not wrap the model in DistributedDataParallel, so nothing would all-reduce their "
+                "gradients and the replicas would drift apart: set local_sgd_warmup_steps=0"
+            )
         if self._ddp is not None and getattr(args, "average_tokens_across_devices", False):
             # Trainer would all-gather token counts on every step: communication local steps must not make.
             logger.warning("Local SGD: setting average_tokens_across_devices=False (an all-gather on every step)")
@@ -172,10 +183,9 @@ class LocalSGDCallback(TrainerCallback):
         pushes_checkpoints = getattr(args, "push_to_hub", False) and args.hub_strategy in ("checkpoint", "all_checkpoints")
         if not pushes_checkpoints or isinstance(self.trainer, LocalSGDTrainer):
             return
-        world_size = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
         if args.save_strategy == "best":
             missing = "lack them (save_strategy='best' decides to save after this callback's last chance)"
-        elif world_size > 1:
+        elif self._world_size > 1:
             missing = "may lack other ranks' files (no barrier between their writes and rank 0's push)"
         else:
             return
@@ -186,8 +196,7 @@ class LocalSGDCallback(TrainerCallback):
         )
 
     def _find_ddp(self, model) -> DistributedDataParallel | None:
-        world_size = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
-        if world_size == 1:
+        if self._world_size == 1:
             return None
         if self.trainer is None:
             raise RuntimeError(

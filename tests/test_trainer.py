@@ -298,3 +298,15 @@ def test_resuming_with_another_number_of_ranks_is_an_error(tmp_path):
     resumed = LocalSGDTrainer(model=tiny_model(), args=config(tmp_path / "b"), train_dataset=data())
     with pytest.raises(ValueError, match="written by 2 replicas, this run has 1"):
         resumed.train(resume_from_checkpoint=str(path.parent))
+
+
+def test_a_warmup_without_ddp_in_a_multi_process_run_is_an_error(monkeypatch):
+    """Nothing would all-reduce the warm-up's gradients: the replicas would leave it different."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    model = tiny_model()
+    callback = LocalSGDCallback(LocalSGDArguments(local_sgd_warmup_steps=2))
+    callback.trainer = SimpleNamespace(model_wrapped=model)  # not wrapped in DDP
+    with pytest.raises(RuntimeError, match="did not wrap the model in DistributedDataParallel"):
+        callback.on_train_begin(SimpleNamespace(n_gpu=1, average_tokens_across_devices=False),
+                                SimpleNamespace(max_steps=10, global_step=0), None, model=model)
