@@ -69,8 +69,8 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, ScriptArguments, LocalSGDConf
 
 
 def recipe_flags(parser: HfArgumentParser, path: str) -> list[str]:
-    """The recipe at `path` as command-line flags for `parser`; `null` is taken for fields whose default is
-    None, and refused (naming the key) for the others.
+    """The recipe at `path` as command-line flags for `parser`. `null` is taken for fields whose default is
+    None and a list of several values for fields that take several; both are refused, naming the key, elsewhere.
 
     Converting to flags (rather than building the dataclasses from the dict) is what makes a recipe's
     `learning_rate: fast` fail the way `--learning_rate fast` does: argparse checks each value's type.
@@ -82,18 +82,20 @@ def recipe_flags(parser: HfArgumentParser, path: str) -> list[str]:
         parser.error(f"cannot read recipe {path}: {err}")
     if not isinstance(recipe, dict):
         parser.error(f"{path}: a recipe is a mapping of `key: value` lines, got {type(recipe).__name__}")
-    defaults = {f.name: f.default for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
-    known = set(defaults)
+    fields = {f.name: f for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init}
     flags = []
     for key, value in recipe.items():
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
             parser.error(f"{path}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         if value is None:
-            if defaults[key] is not None:  # (MISSING, or a value: None would only fail later, far from here)
+            if fields[key].default is not None:  # (MISSING, or a value: None would only fail later, far from here)
                 parser.error(f"{path}: {key} cannot be null; remove the line to keep its default")
             parser.set_defaults(**{key: None})
         elif isinstance(value, list):
+            # argparse would only name the extra values. (HfArgumentParser narrows some union types to one.)
+            if len(value) != 1 and parser._option_string_actions[f"--{key}"].nargs not in ("+", "*"):
+                parser.error(f"{path}: {key} takes one value, got a list: {value}")
             flags += [f"--{key}", *map(str, value)]
         elif isinstance(value, dict):
             flags.append(f"--{key}={json.dumps(value)}")

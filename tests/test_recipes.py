@@ -112,3 +112,11 @@ def test_resume_from_checkpoint_true_means_the_last_checkpoint():
     assert resume_argument("true") is True and resume_argument("True") is True
     assert resume_argument("false") is None and resume_argument(None) is None
     assert resume_argument("outputs/run/checkpoint-500") == "outputs/run/checkpoint-500"
+
+
+def test_a_list_for_a_single_value_is_an_error_naming_the_key(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args([write(tmp_path, "output_dir: out\nsync_every: [4, 8]\n")])
+    assert "sync_every takes one value, got a list" in capsys.readouterr().err
+    _, _, _, args = parse_args([write(tmp_path, "output_dir: out\nlabel_names: [labels, more]\n")])  # a list field
+    assert args.label_names == ["labels", "more"]
