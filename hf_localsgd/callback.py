@@ -106,7 +106,6 @@ class LocalSGDCallback(TrainerCallback):
             )
         self._train_started = time.perf_counter()
         self._state_written_at = None  # (a second train() call writes its checkpoints' state again)
-        self._local_weights = None
         self.training = True
         handler = getattr(self.trainer, "callback_handler", None)
         self._progress = next((cb for cb in handler.callbacks if isinstance(cb, ProgressCallback)), None) if handler else None
