@@ -1,9 +1,14 @@
-"""Shared helpers: launching tests/dist_worker.py on 2 CPU processes, and the environment tests run in."""
+"""Shared helpers: launching scenarios on several CPU processes, and the environment tests run in.
+
+Tests are laid out like the package (`core/`, `integrations/`, `recipes/`, `tools/`); the multi-process tests
+run the scripts of `scenarios/` under `accelerate launch` (gloo), each with a timeout.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_2PROC = ROOT / "accelerate_configs" / "cpu_2proc.yaml"
-WORKER = Path(__file__).with_name("dist_worker.py")
+SCENARIOS = Path(__file__).with_name("scenarios")
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 # Tests never reach the Hub; one thread per rank so two ranks share 2 cores without oversubscription.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -38,25 +44,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(script_args: list[str], timeout: float = 240, **env) -> subprocess.CompletedProcess:
-    """`accelerate launch` 2 CPU processes (gloo); fails the test with the output on error or hang."""
+def run_process_group(cmd: list[str], timeout: float, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a process group of its own; on a time-out (or the test's own) kill the whole group, the
+    launcher's workers included, and fail with the output."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n--- stderr\n{stderr[-4000:]}")
+    finally:
+        if proc.poll() is None:  # the test itself was interrupted (pytest-timeout, Ctrl-C)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    if check and proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n--- stdout\n{stdout[-3000:]}\n"
+                    f"--- stderr\n{stderr[-6000:]}")
+    return result
+
+
+def accelerate_launch(script_args: list[str], timeout: float = 240, num_processes: int = 2, check: bool = True,
+                      **env) -> subprocess.CompletedProcess:
+    """`accelerate launch` CPU processes (gloo); fails the test with the output on error or hang."""
     # A free port for every launch: the default 29500 clashes with any other run on the machine.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
-           "--main_process_port", str(free_port()), *script_args]
-    try:
-        proc = subprocess.run(cmd, env=launch_env(**env), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired as e:  # distributed bugs hang: report instead of blocking the suite
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{(e.stderr or b'')[-4000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n"
-                    f"--- stderr\n{proc.stderr[-6000:]}")
-    return proc
+           "--num_processes", str(num_processes), "--main_process_port", str(free_port()), *script_args]
+    return run_process_group(cmd, timeout, launch_env(**env), check=check)
 
 
-def run_worker(scenario: str, out_dir: Path, *options: str, timeout: float = 240, **env) -> list[dict]:
-    """Run one scenario of tests/dist_worker.py on 2 processes; returns the per-rank JSON results."""
-    accelerate_launch([str(WORKER), scenario, str(out_dir), *options], timeout=timeout, **env)
-    return [json.loads((out_dir / f"result_rank{rank}.json").read_text()) for rank in (0, 1)]
+def run_scenario(name: str, out_dir: Path, *options: str, timeout: float = 240, num_processes: int = 2,
+                 **env) -> list[dict]:
+    """Run ``tests/scenarios/{name}.py`` on ``num_processes`` processes; returns the per-rank JSON results."""
+    accelerate_launch([str(SCENARIOS / f"{name}.py"), str(out_dir), *options], timeout=timeout,
+                      num_processes=num_processes, **env)
+    return [json.loads((out_dir / f"result_rank{rank}.json").read_text()) for rank in range(num_processes)]
 
 
 DEMO = ROOT / "recipes" / "gptneo-tinystories" / "demo.yaml"

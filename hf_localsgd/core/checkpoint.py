@@ -1,0 +1,94 @@
+"""Per-rank checkpoint files: what a replica needs to resume exactly, next to an ordinary checkpoint.
+
+Each rank writes one file, ``local_sgd_rank{R}.pt``, holding its engine's state (position in the round, the
+float32 global model, outer-optimizer and hook state), its own weights and its inner optimizer's state: the
+model file a trainer saves holds the global model, and the optimizer file one rank's state only. The same
+helpers serve `LocalSGDTrainer` and a plain loop:
+
+    save_rank_state(checkpoint_dir, engine, optimizer)       # every rank, at the same step
+    ...
+    resume_rank_state([checkpoint_dir], engine, optimizer)   # every rank; True when resumed
+
+Files are written atomically (a temporary file, flushed to disk, then renamed), so a rank killed while
+saving leaves the previous file or the new one, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+
+if TYPE_CHECKING:
+    from .engine import RoundEngine
+
+
+STATE_FILE = "local_sgd_rank{rank}.pt"
+
+
+def state_file(directory: str, rank: int) -> str:
+    return os.path.join(directory, STATE_FILE.format(rank=rank))
+
+
+def global_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save_rank_state(directory: str, engine: RoundEngine, optimizer: torch.optim.Optimizer | None = None) -> str:
+    """Write this rank's state into ``directory`` (created if needed); returns the file's path."""
+    os.makedirs(directory, exist_ok=True)
+    path = state_file(directory, global_rank())
+    state = {
+        "engine": engine.state_dict(),
+        "local_params": engine.local_params(),  # this replica's weights, also while the global model is in
+        "inner_optimizer": optimizer.state_dict() if optimizer is not None else None,
+    }
+    tmp = path + ".tmp"  # one writer per file: each rank writes its own
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_rank_state(path: str, engine: RoundEngine, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Restore this rank's engine, weights and inner-optimizer state from its file."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    engine.load_state_dict(saved["engine"])
+    engine.load_params(saved["local_params"])
+    if optimizer is not None and saved["inner_optimizer"] is not None:
+        optimizer.load_state_dict(saved["inner_optimizer"])
+
+
+def resume_rank_state(directories: Iterable[str | None], engine: RoundEngine,
+                      optimizer: torch.optim.Optimizer | None = None) -> str | None:
+    """Resume from this rank's file in the first of ``directories`` that has one; returns its path, or None
+    when no rank found one. Every rank must call this together: either all resume or none does, since some
+    resuming mid-round while others start new rounds would pair different steps in their outer all-reduces.
+    (Each rank looks for its own file, so checkpoints on each node's own disk work.)"""
+    rank = global_rank()
+    path = next((state_file(d, rank) for d in directories if d and os.path.isfile(state_file(d, rank))), None)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        found = torch.tensor([float(path is not None)], device=engine.flat.device)
+        dist.all_reduce(found)
+        found, world_size = int(found.item()), dist.get_world_size()
+        if 0 < found < world_size:
+            raise ValueError(
+                f"{found} of {world_size} ranks found their {STATE_FILE.format(rank='*')} file in the checkpoint "
+                "(written by another number of processes, or not visible to every rank): resume with as many "
+                "processes as wrote it, or delete those files to start new rounds from the checkpoint's global "
+                "model (outer-optimizer state reset)"
+            )
+    if path is not None:
+        load_rank_state(path, engine, optimizer)
+    return path

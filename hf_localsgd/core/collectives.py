@@ -1,0 +1,47 @@
+"""The collectives of the outer sync: a sum of flat float32 buffers over the replicas' process group.
+
+`AllReduce` is the communication the sync unit (`hf_localsgd.core.sync`) calls once per bucket. It sums
+(gloo has no average) in the chosen wire dtype, and says how many bytes a rank sends for it. Without an
+initialized `torch.distributed`, or over a group of one, nothing is communicated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .metrics import ring_bytes
+
+
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class AllReduce:
+    """Sums float32 buffers over ``group`` (the default group when ``None``), ``comm_dtype`` on the wire."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, comm_dtype: str = "float32"):
+        self.group = group
+        self.dtype = WIRE_DTYPES[comm_dtype]
+        distributed = dist.is_initialized()
+        self.world_size = dist.get_world_size(group) if distributed else 1
+        self.rank = dist.get_rank(group) if distributed else 0
+
+    def sum_(self, buf: torch.Tensor) -> torch.Tensor:
+        """The sum of ``buf`` over the replicas: ``buf`` itself, summed in place, or, for a narrower wire dtype,
+        a summed copy in that dtype (made in one conversion pass) that the caller reads back."""
+        if self.world_size == 1:
+            return buf
+        wire = buf if self.dtype == buf.dtype else buf.to(self.dtype)
+        # bfloat16 has float32's range: the sum of K outer gradients overflows no sooner than their mean.
+        dist.all_reduce(wire, group=self.group)
+        return wire
+
+    def bytes_sent(self, numel: int) -> float:
+        """Bytes this rank sends to sum ``numel`` elements (a ring all-reduce)."""
+        return ring_bytes(numel * self.dtype.itemsize, self.world_size)
+
+    def broadcast_(self, tensor: torch.Tensor) -> None:
+        """Overwrite ``tensor`` with the group's first rank's, in place."""
+        if self.world_size > 1:
+            src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+            dist.broadcast(tensor, src=src, group=self.group)

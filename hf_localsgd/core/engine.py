@@ -1,0 +1,418 @@
+"""The round engine: H local steps, then one outer step of the global model (docs/methods.md, "The round").
+
+It knows nothing about `transformers.Trainer` or Accelerate. A plain loop, on 2 CPU processes:
+
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml examples/accelerate_loop.py
+
+    engine = RoundEngine(model, sync_every=16, outer_optimizer="nesterov")
+    for batch in loader:
+        with accelerator.no_sync(ddp_model):     # no gradient all-reduce in inner steps
+            accelerator.backward(ddp_model(**batch).loss)
+        optimizer.step(); optimizer.zero_grad()
+        engine.step()                            # every 16th call: one all-reduce and one outer step
+    engine.finish()                              # the last, partial round; the global model stays in the model
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .collectives import AllReduce
+from .flat import FlatParams
+from .hooks import RoundHook, build_hooks
+from .metrics import outer_gradient_metrics, ring_bytes
+from .options import LocalSGDOptions
+from .schedules import build_sync_schedule, count_rounds
+from .sync import OuterSync
+
+
+logger = logging.getLogger(__name__)
+
+
+def unsynchronized_buffers(model: nn.Module) -> list[str]:
+    """Names of the floating-point buffers saved with ``model`` (e.g. BatchNorm's running statistics): the
+    engine averages parameters only, so these may drift apart across replicas. Non-persistent buffers
+    (attention masks, rotary frequencies) are rebuilt identically everywhere and are not listed."""
+    return [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        for name, buffer in module.named_buffers(recurse=False)
+        if buffer.is_floating_point() and name not in module._non_persistent_buffers_set
+    ]
+
+
+class RoundEngine:
+    """Local SGD / DiLoCo / schedule-free outer optimization over the trainable parameters of ``model``.
+
+    Args:
+        model: the (unwrapped) module, or an iterable of its parameters; parameters without ``requires_grad``
+            take no part, and buffers stay each replica's own.
+        options: a `LocalSGDOptions` (or `LocalSGDConfig`); or give its fields as keyword arguments instead.
+        process_group: the group whose replicas are averaged; ``None`` is the default group (no communication
+            when ``torch.distributed`` is not initialized).
+        optimizer, lr_scheduler: the inner optimizer and its schedule, for the options that read or set the inner
+            lr (PALSGD, lr scaling, ``sync_every_schedule="inverse_lr"``).
+        total_steps: the run's length in optimizer steps, for the options that need it (ramped H schedules, a
+            decaying outer lr, the lr-scaling budget).
+        lr_warmup_steps: the inner lr schedule's warm-up, during which ``inverse_lr`` keeps H at its minimum.
+        seed: seeds PALSGD's draws (with the replica's index).
+        track_metrics: measure each sync (``last_metrics``); adds one float to the outer all-reduce.
+        bucket_size_mb: float32 megabytes of outer gradient per collective.
+
+    The inner step, with the calls the options need (all but ``step()`` are no-ops without PALSGD or lr
+    scaling, and may be left out then):
+
+        engine.begin_step()                      # PALSGD's draw; sets this step's inner lrs
+        if not engine.skips_gradient_step:       # PALSGD: a pseudo-synchronization takes no gradient
+            loss.backward()
+        engine.before_optimizer_step()           # lr scaling keeps the round's first gradients
+        optimizer.step()
+        engine.after_optimizer_step()            # puts the schedule's lrs back before the scheduler steps
+        lr_scheduler.step(); optimizer.zero_grad()
+        engine.step()                            # counts the step; the outer sync when the round is complete
+
+    Also: ``sync()`` (outer step now, for a partial round), ``finish()``; ``syncs_gradients`` (whether the next
+    step must all-reduce its gradients: the data-parallel warm-up), ``should_stop``; the global model
+    (``global_model()``, ``swap_in_global()`` / ``restore_local()``, ``global_model_params()``,
+    ``local_params()``, ``load_params()``); ``state_dict()`` / ``load_state_dict()`` and ``fast_forward()``;
+    read-only counters ``num_steps``, ``inner_step``, ``num_syncs``, ``sync_every`` (H of the round in progress),
+    and ``last_metrics``, ``bytes_sent``, ``seconds_in_sync``, ``data_parallel_bytes``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Iterable[nn.Parameter],
+        options: LocalSGDOptions | None = None,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr_scheduler=None,
+        total_steps: int | None = None,
+        lr_warmup_steps: int = 0,
+        seed: int = 0,
+        track_metrics: bool = False,
+        bucket_size_mb: float = 256,
+        hooks: list[RoundHook] | None = None,
+        **option_fields,
+    ):
+        if options is not None and option_fields:
+            raise TypeError(f"RoundEngine takes options or their fields as keywords, not both: {sorted(option_fields)}")
+        self.options = options = LocalSGDOptions(**option_fields) if options is None else options
+        if bucket_size_mb <= 0:
+            raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb}")
+        params = model.parameters() if isinstance(model, nn.Module) else model
+        self.flat = FlatParams([p for p in params if p.requires_grad], bucket_size_mb * 2**20 / 4)
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.peak_lr = self._peak_lr()
+        self.reducer = AllReduce(process_group, options.outer_comm_dtype)
+        self.world_size, self.replica_index = self.reducer.world_size, self.reducer.rank
+        self.warmup_steps = options.local_sgd_warmup_steps
+        self.track_metrics = track_metrics
+
+        if options.sync_every_schedule == "inverse_lr" and optimizer is None:
+            raise ValueError("sync_every_schedule: 'inverse_lr' follows the inner lr: give the engine the optimizer")
+        self._schedule = build_sync_schedule(options, total_steps, self._current_lr, self.peak_lr, lr_warmup_steps)
+        total_rounds = None
+        if options.outer_lr_scheduler != "constant":
+            if total_steps is None:
+                raise ValueError(f"outer_lr_scheduler: {options.outer_lr_scheduler!r} decays over the run: give the "
+                                 "engine total_steps")
+            total_rounds = count_rounds(self._schedule, self.warmup_steps, total_steps)
+        state_device = self.flat.device if options.outer_state_device == "model" else torch.device("cpu")
+        self.outer = OuterSync(self.flat, self.reducer, options, state_device, total_rounds)
+
+        self.hooks = build_hooks(options, seed=seed, total_steps=total_steps) if hooks is None else list(hooks)
+        for hook in self.hooks:
+            hook.attach(self)
+        self._scheduled_lrs: list[float] | None = None  # the schedule's lrs while a hook's are in the optimizer
+        self._local_backup: torch.Tensor | None = None  # this replica's weights while the global model is in
+
+        self.last_metrics: dict[str, float] = {}
+        self.bytes_sent = 0.0  # by this rank, outer syncs and warm-up gradient all-reduces
+        self.seconds_in_sync = 0.0  # host wall-clock time inside sync()
+        self._num_steps = self._inner_step = self._num_syncs = 0
+        self._start_round()
+        self._announce(model)
+
+    def _announce(self, model) -> None:
+        if self.world_size > 1:
+            self.outer.broadcast()
+            drifting = unsynchronized_buffers(model) if isinstance(model, nn.Module) else []
+            if drifting and self.replica_index == 0:
+                logger.warning(
+                    "RoundEngine: the model has %d floating-point buffers that are saved with it (%s%s), e.g. "
+                    "BatchNorm statistics. Only parameters are averaged: each replica keeps its own buffers, "
+                    "which may drift apart, and a checkpoint holds rank 0's.", len(drifting),
+                    ", ".join(drifting[:3]), ", ..." if len(drifting) > 3 else "",
+                )
+        else:
+            # A warning, so that it shows: one process is often a launch that did not start the others.
+            logger.warning("RoundEngine: world size 1, the outer step applies %s to the single replica's update "
+                           "and nothing is communicated.", self.options.outer_optimizer)
+
+    def _peak_lr(self) -> float | None:
+        if self.lr_scheduler is not None and getattr(self.lr_scheduler, "base_lrs", None):
+            return self.lr_scheduler.base_lrs[0]
+        if self.optimizer is not None:
+            group = self.optimizer.param_groups[0]
+            return group.get("initial_lr", group["lr"])
+        return None
+
+    def _current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ------------------------------------------------------------------ position in training (read-only)
+    num_steps = property(lambda self: self._num_steps, doc="Calls of step() so far.")
+    inner_step = property(lambda self: self._inner_step, doc="Inner steps since the last sync.")
+    num_syncs = property(lambda self: self._num_syncs, doc="Outer syncs so far.")
+    sync_every = property(lambda self: self._sync_every, doc="H of the round in progress.")
+
+    @property
+    def in_warmup(self) -> bool:
+        return self._num_steps < self.warmup_steps
+
+    @property
+    def syncs_gradients(self) -> bool:
+        """Whether the *next* inner step must all-reduce its gradients (warm-up), i.e. run as plain DDP."""
+        return self.in_warmup
+
+    @property
+    def outer_lr(self) -> float:
+        return self.outer.lr
+
+    @property
+    def global_params(self) -> torch.Tensor:
+        """The flat float32 global model the replicas start each round from (y for schedule-free)."""
+        return self.outer.global_params
+
+    @property
+    def outer_optimizer(self) -> torch.optim.Optimizer:
+        return self.outer.optimizer
+
+    def hook(self, name: str) -> RoundHook | None:
+        """The hook called ``name`` ("palsgd", "lr_scaling"), if this engine runs it."""
+        return next((h for h in self.hooks if h.name == name), None)
+
+    # ------------------------------------------------------------------ the inner step
+    def begin_step(self) -> None:
+        """A step starts: this replica's weights come back (after an evaluation of the global model), the hooks
+        decide the step (PALSGD's draw), and the step's inner lrs are set until `after_optimizer_step`."""
+        self.restore_local()
+        for hook in self.hooks:
+            hook.begin_step()
+        lrs = next((lrs for hook in self.hooks if (lrs := hook.step_lrs(self.optimizer)) is not None), None)
+        if lrs is not None:
+            self._scheduled_lrs = [group["lr"] for group in self.optimizer.param_groups]
+            for group, lr in zip(self.optimizer.param_groups, lrs):
+                group["lr"] = lr
+
+    @property
+    def skips_gradient_step(self) -> bool:
+        """Whether the step in progress takes no gradient (a PALSGD pseudo-synchronization)."""
+        return any(hook.skips_gradient_step for hook in self.hooks)
+
+    def before_optimizer_step(self) -> None:
+        for hook in self.hooks:
+            hook.before_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """Put the schedule's lrs back (before the lr scheduler steps, which reads them)."""
+        if self._scheduled_lrs is not None:
+            for group, lr in zip(self.optimizer.param_groups, self._scheduled_lrs):
+                group["lr"] = lr
+            self._scheduled_lrs = None
+
+    def step(self) -> bool:
+        """Count one inner optimizer step; run the outer step when the round is complete. Returns whether a
+        synchronization happened."""
+        for hook in self.hooks:
+            hook.end_step()
+        self._num_steps += 1
+        if self._num_steps <= self.warmup_steps:
+            self.bytes_sent += ring_bytes(self.flat.bytes, self.world_size)  # DDP's gradient all-reduce
+            if self._num_steps == self.warmup_steps:
+                self.outer.reset_from_model()  # local rounds start from the warmed-up model
+                self._start_round()
+            return False
+        self._inner_step += 1
+        if self._inner_step >= self._sync_every:
+            return self.sync()
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether a hook has ended training (lr scaling: the scale-invariant budget is spent)."""
+        return any(hook.should_stop for hook in self.hooks)
+
+    def _start_round(self) -> None:
+        """Fix the H of the round that starts now (a communication schedule is asked once per round)."""
+        h = self._schedule if isinstance(self._schedule, int) else int(self._schedule(self._num_steps))
+        if h < 1:
+            raise ValueError(f"the sync_every schedule gave H={h} at step {self._num_steps}")
+        self._sync_every = h
+
+    # ------------------------------------------------------------------ the outer step
+    @torch.no_grad()
+    def sync(self) -> bool:
+        """Run the outer step now (also for a final, partial round). A no-op right after a sync and during
+        warm-up. Returns whether a synchronization happened."""
+        self.restore_local()
+        if self._inner_step == 0 or self.in_warmup:
+            return False
+        started, outer_lr = time.perf_counter(), self.outer.lr
+        payloads = [(hook, p) for hook in self.hooks if (p := hook.sync_payload()) is not None]
+        tail = torch.cat([p for _, p in payloads]) if payloads else None
+        summed, norms = self.outer(tail, measure=self.track_metrics)
+        metrics, offset = {}, 0
+        for hook in self.hooks:
+            payload = next((p for h, p in payloads if h is hook), None)
+            part = None if payload is None else summed[offset : offset + payload.numel()]
+            offset += 0 if payload is None else payload.numel()
+            metrics.update(hook.after_sync(part, self._sync_every))
+        sent = self.reducer.bytes_sent(self.flat.numel + int(self.track_metrics) + (0 if tail is None else tail.numel()))
+        self.bytes_sent += sent
+        self._inner_step = 0
+        self._num_syncs += 1
+        if self.track_metrics:  # .tolist() waits for the device, so the timing includes the device's work
+            mean_sq_norm, sq_norm_of_mean = norms.tolist()
+            self.last_metrics = {
+                "round": self._num_syncs, "sync_every": self._sync_every, "outer_lr": outer_lr,
+                **outer_gradient_metrics(mean_sq_norm, sq_norm_of_mean, self.world_size),
+                "sync_seconds": time.perf_counter() - started, "bytes_sent": sent,
+                "bytes_total": self.bytes_sent, "ddp_bytes_total": self.data_parallel_bytes, **metrics,
+            }
+            if self.data_parallel_bytes > 0:
+                self.last_metrics["bytes_vs_ddp"] = self.bytes_sent / self.data_parallel_bytes
+        # Host wall-clock time; on an accelerator without metrics, work still queued is not in it.
+        self.seconds_in_sync += time.perf_counter() - started
+        self._start_round()
+        return True
+
+    def finish(self) -> bool:
+        """End of training: synchronize the last, partial round and leave the global model (schedule-free: its
+        averaged x) in the model for good. Returns whether a synchronization happened."""
+        synced = self.sync()
+        self.flat.copy_to_model(self.outer.eval_params())
+        return synced
+
+    @property
+    def data_parallel_bytes(self) -> float:
+        """What this rank would have sent so far under data-parallel training: one gradient all-reduce a step."""
+        return self._num_steps * ring_bytes(self.flat.bytes, self.world_size)
+
+    # ------------------------------------------------------------------ the global model, for eval and saving
+    @property
+    def model_is_global(self) -> bool:
+        """Whether the model's weights are exactly the global model to evaluate/save (no swap needed)."""
+        if self._local_backup is not None or self.in_warmup or (self._num_syncs == 0 and self._inner_step == 0):
+            return True
+        return self._inner_step == 0 and not self.outer.eval_differs
+
+    def global_model_params(self) -> torch.Tensor:
+        """The global model to evaluate and save, flat: x_r, or the averaged x for schedule-free."""
+        return self.outer.eval_params()
+
+    def local_params(self) -> torch.Tensor:
+        """This replica's current weights, flat float32 on the state device (set aside while the global model is
+        in). Not to be modified."""
+        if self._local_backup is not None:
+            return self._local_backup
+        flat = self.flat.empty(self.global_params.device)
+        self.flat.copy_from_model(flat)
+        return flat
+
+    def load_params(self, flat: torch.Tensor) -> None:
+        """Write a flat tensor (from ``local_params`` or ``global_model_params``) into the model."""
+        self.flat.copy_to_model(flat)
+
+    def swap_in_global(self) -> None:
+        """Put the global model (schedule-free: x) into the model until `restore_local` (or the next step),
+        keeping this replica's weights aside. Idempotent."""
+        if not self.model_is_global:
+            self._local_backup = self.local_params()
+            self.flat.copy_to_model(self.outer.eval_params())
+
+    def restore_local(self) -> None:
+        """This replica's weights back into the model after `swap_in_global`. Idempotent."""
+        if self._local_backup is not None:
+            self.flat.copy_to_model(self._local_backup)
+            self._local_backup = None
+
+    @contextlib.contextmanager
+    def global_model(self):
+        """The global model in the model for the ``with`` block (e.g. to evaluate between syncs)."""
+        swapped_here = self._local_backup is None and not self.model_is_global
+        self.swap_in_global()
+        try:
+            yield
+        finally:
+            if swapped_here:
+                self.restore_local()
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """The engine's state: position in training, global model, outer optimizer, and each hook's state
+        (the replica's own weights and inner optimizer are saved beside it, `hf_localsgd.core.checkpoint`)."""
+        state = {
+            "outer_optimizer_name": self.options.outer_optimizer,
+            "sync_every": self._sync_every,  # of the round in progress
+            "world_size": self.world_size,
+            "num_steps": self._num_steps,
+            "inner_step": self._inner_step,
+            "num_syncs": self._num_syncs,
+            "bytes_sent": self.bytes_sent,
+            "seconds_in_sync": self.seconds_in_sync,
+            "round_hooks": {hook.name: hook.option for hook in self.hooks},
+            **self.outer.state_dict(),
+        }
+        for hook in self.hooks:
+            state.update(hook.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"Checkpoint was written by {state['world_size']} replicas, this run has {self.world_size}: each "
+                "replica resumes its own weights and inner-optimizer state, so resume with as many processes"
+            )
+        if state["outer_optimizer_name"] != self.options.outer_optimizer:
+            raise ValueError(f"Checkpoint was trained with outer_optimizer={state['outer_optimizer_name']!r}, "
+                             f"this run uses {self.options.outer_optimizer!r}")
+        ours = {hook.name: hook.option for hook in self.hooks}
+        saved = state.get("round_hooks")
+        if saved is None:  # written by hf_localsgd 0.1, which kept every variant's state, used or not
+            saved = {name: option for name, option in ours.items() if name == "palsgd"}
+            if state["gain"] is not None:
+                saved["lr_scaling"] = "lr_scaling"
+        switched = sorted(set(saved) ^ set(ours))
+        if switched:
+            name = switched[0]
+            raise ValueError(
+                f"Checkpoint was trained with {(saved | ours)[name]} {'on' if name in saved else 'off'}, this run "
+                f"has it {'on' if name in ours else 'off'}: its state cannot be made up or dropped exactly"
+            )
+        self.outer.load_state_dict(state)
+        for hook in self.hooks:
+            hook.load_state_dict(state)
+        self._num_steps, self._inner_step, self._num_syncs = state["num_steps"], state["inner_step"], state["num_syncs"]
+        # The round in progress keeps the H it started with; one that has not started asks this run's H.
+        self._sync_every = state["sync_every"]
+        if self._inner_step == 0:
+            self._start_round()
+        self.bytes_sent, self.seconds_in_sync = state["bytes_sent"], state["seconds_in_sync"]
+
+    def fast_forward(self, num_steps: int) -> None:
+        """Continue at ``num_steps`` from a model trained without this engine's state (e.g. a plain `Trainer`
+        checkpoint): its weights become the global model and a new round starts there, with the H the
+        schedule gives at that step. Outer-optimizer and hook state start fresh."""
+        self._num_steps, self._inner_step = num_steps, 0
+        if not self.in_warmup:
+            self.outer.reset_from_model()
+        self._start_round()

@@ -1,0 +1,78 @@
+"""Round hooks: the variants of the round as self-contained objects, and the factory from options to them.
+
+A hook holds all of one variant's logic and state (PALSGD in `palsgd.py`, AdaScale / LocalAdaScale in
+`adascale.py`); the engine calls it at fixed points and knows nothing else about it. Per inner step, in this
+order (`RoundEngine`'s docstring shows the loop):
+
+    begin_step()              the step starts (PALSGD draws whether it is a pseudo-synchronization)
+    step_lrs(optimizer)       the inner lrs of this step's optimizer step, or None to keep the schedule's
+    skips_gradient_step       True when the step's forward and backward are not needed
+    before_optimizer_step()   the gradients are ready (AdaScale keeps a round's first ones)
+    end_step()                after the optimizer step, before the engine counts it (PALSGD's pull)
+
+and per sync: `sync_payload()` gives floats to sum over the replicas together with the outer gradient (no
+extra collective), `after_sync(summed, sync_every)` receives their sum and returns the round's metrics.
+`should_stop` ends training early; `state_dict()` holds what an exact resume needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RoundHook:
+    """Base class: every point is a no-op. ``name`` identifies the hook in checkpoints; ``option`` names the
+    setting that switches it on, for errors."""
+
+    name = ""
+    option = ""
+
+    def attach(self, engine) -> None:
+        self.engine = engine
+
+    def begin_step(self) -> None:
+        pass
+
+    def step_lrs(self, optimizer: torch.optim.Optimizer) -> list[float] | None:
+        return None
+
+    @property
+    def skips_gradient_step(self) -> bool:
+        return False
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def end_step(self) -> None:
+        pass
+
+    @property
+    def should_stop(self) -> bool:
+        return False
+
+    def sync_payload(self) -> torch.Tensor | None:
+        return None
+
+    def after_sync(self, summed: torch.Tensor | None, sync_every: int) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build_hooks(options, *, seed: int, total_steps: int | None) -> list[RoundHook]:
+    """The hooks the options switch on (one factory from options to the round's variants)."""
+    from .adascale import GainRatioScaling
+    from .palsgd import PseudoSync
+
+    hooks: list[RoundHook] = []
+    if options.pseudo_sync_prob > 0:
+        hooks.append(PseudoSync(options.pseudo_sync_prob, options.pseudo_sync_rate,
+                                options.pseudo_sync_rate_schedule, seed=seed))
+    if options.lr_scaling != "none":
+        hooks.append(GainRatioScaling(options.resolved_lr_scaling_c, options.lr_scaling_ema, budget=total_steps))
+    return hooks
+

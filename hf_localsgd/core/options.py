@@ -1,0 +1,222 @@
+"""The options of low-communication training: one dataclass, the single source of their names, choices,
+defaults, help texts and validation.
+
+`LocalSGDOptions` needs nothing but the standard library. `RoundEngine` takes it (or its fields as keyword
+arguments), `hf_localsgd.LocalSGDArguments` extends it for `transformers.TrainingArguments`, and
+`HfArgumentParser` turns its metadata into the command line of `hf_localsgd.train`:
+
+    options = LocalSGDOptions(sync_every=32, outer_optimizer="nesterov", outer_lr=0.7)
+    engine = RoundEngine(model, options)     # or RoundEngine(model, sync_every=32, ...)
+
+Every invalid value raises a `ValueError` that starts with the field's name, when the options are built.
+The methods and their equations are in docs/methods.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+OUTER_OPTIMIZERS = ("average", "nesterov", "schedule_free")
+# (outer lr, outer momentum) when left unset. average: parameter averaging (Local SGD / FedAvg), which only
+# lr 1 and no momentum are; nesterov: DiLoCo's; schedule_free: what schedule-free SGD needed as the outer
+# optimizer in "Understanding Outer Optimizers in Local SGD" (arXiv:2509.10439, App. A.1.4).
+OUTER_DEFAULTS = {"average": (1.0, 0.0), "nesterov": (0.7, 0.9), "schedule_free": (2.0, 0.2)}
+OUTER_LR_SCHEDULERS = ("constant", "cosine", "linear_after_plateau")
+SYNC_EVERY_SCHEDULES = ("constant", "linear", "stepwise", "inverse_lr")
+PSEUDO_SYNC_RATE_SCHEDULES = ("constant", "inverse_lr")
+LR_SCALINGS = ("none", "adascale", "local_adascale")
+DATA_PARTITIONS = ("iid", "by_label")
+STATE_DEVICES = ("model", "cpu")
+COMM_DTYPES = ("float32", "bfloat16")
+
+
+def _option(default, help: str, choices=None):
+    metadata = {"help": help} if choices is None else {"help": help, "choices": list(choices)}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class LocalSGDOptions:
+    """The options of Local SGD, DiLoCo, schedule-free outer SGD, PALSGD and (Local)AdaScale.
+
+    The round:
+        sync_every, sync_every_schedule, sync_every_min, sync_every_stages, local_sgd_warmup_steps
+    The outer step:
+        outer_optimizer, outer_lr, outer_momentum, outer_lr_scheduler, outer_lr_plateau_fraction,
+        outer_state_device, outer_comm_dtype
+    PALSGD (pseudo-synchronization):
+        pseudo_sync_prob, pseudo_sync_rate, pseudo_sync_rate_schedule
+    Learning-rate scaling (AdaScale / LocalAdaScale):
+        lr_scaling, lr_scaling_c, lr_scaling_ema
+    Data across workers:
+        data_partition, data_partition_column
+    """
+
+    # --- the round
+    sync_every: int = _option(16, "H: inner optimizer steps per round, between two outer synchronizations.")
+    sync_every_schedule: str = _option(
+        "constant",
+        "How H changes over training (communicate often early, rarely later): 'constant' (sync_every), "
+        "'linear' or 'stepwise' ramps from sync_every_min to sync_every over the local steps, or 'inverse_lr': "
+        "H = sync_every_min · peak lr / lr, clipped to [sync_every_min, sync_every], which grows H as the inner "
+        "learning rate decays. See docs/methods.md.",
+        SYNC_EVERY_SCHEDULES,
+    )
+    sync_every_min: int = _option(1, "The smallest H of a sync_every_schedule (its start for 'linear' and 'stepwise').")
+    sync_every_stages: int = _option(
+        4, "For sync_every_schedule='stepwise': the number of equal spans of steps, each with one H, from "
+           "sync_every_min to sync_every."
+    )
+    local_sgd_warmup_steps: int = _option(
+        0, "Ordinary synchronous data-parallel steps (gradients all-reduced) before local rounds begin "
+           "(post-local SGD; PALSGD used 1024 on TinyStories)."
+    )
+    # --- the outer step
+    outer_optimizer: str = _option(
+        "nesterov",
+        "Outer optimizer applied to the averaged outer gradient: 'average' (Local SGD / FedAvg), 'nesterov' "
+        "(DiLoCo) or 'schedule_free' (schedule-free SGD; evaluation and saving use its averaged iterate).",
+        OUTER_OPTIMIZERS,
+    )
+    outer_lr: float | None = _option(
+        None, "Outer learning rate. Default per outer optimizer: average 1.0 (required), nesterov 0.7, "
+              "schedule_free 2.0."
+    )
+    outer_momentum: float | None = _option(
+        None, "Outer momentum. Default per outer optimizer: average 0.0 (required), nesterov 0.9, "
+              "schedule_free 0.2 (its b1, in (0, 1))."
+    )
+    outer_lr_scheduler: str = _option(
+        "constant", "Schedule of the outer learning rate over the rounds. There is no outer warm-up: it was always "
+                    "harmful in the outer-optimizer study (arXiv:2509.10439).",
+        OUTER_LR_SCHEDULERS,
+    )
+    outer_lr_plateau_fraction: float = _option(
+        0.1, "For outer_lr_scheduler='linear_after_plateau': fraction of the rounds at constant outer lr before the "
+             "linear decay to 0 (0.1 and 0.25 in the outer-optimizer study)."
+    )
+    outer_state_device: str = _option(
+        "model", "Where the float32 global copy and the outer-optimizer state live: 'model' (the model's device; "
+                 "fastest) or 'cpu' (saves accelerator memory, costs host-device copies at each sync).",
+        STATE_DEVICES,
+    )
+    outer_comm_dtype: str = _option(
+        "float32", "Data type the outer gradients are all-reduced in; 'bfloat16' halves the bytes sent.", COMM_DTYPES
+    )
+    # --- PALSGD
+    pseudo_sync_prob: float = _option(
+        0.0, "PALSGD's p: probability that a step is a pseudo-synchronization (pull toward this rank's copy of the "
+             "global model: no data, no gradient, no communication) instead of a gradient step, whose inner lr is "
+             "then scaled by 1 / (1 - p). 0 disables PALSGD; the paper used 0.1 on TinyStories."
+    )
+    pseudo_sync_rate: float = _option(
+        1.0, "PALSGD's mixing rate η: a pseudo-synchronization moves x_k by (lr · η / p)(x - x_k)."
+    )
+    pseudo_sync_rate_schedule: str = _option(
+        "constant", "How η follows training: 'constant', or 'inverse_lr': η_t = η · learning_rate / lr_t, so a "
+                    "pseudo-synchronization pulls as hard (learning_rate · η / p) while the inner lr decays, as "
+                    "PALSGD's Theorem 2 does with η = p / (2Hα).",
+        PSEUDO_SYNC_RATE_SCHEDULES,
+    )
+    # --- learning-rate scaling
+    lr_scaling: str = _option(
+        "none", "Scale the inner lr by the gain ratio ρ of 'On the Choice of Learning Rate for Local SGD': "
+                "'adascale' (c = 0) or 'local_adascale' (c = 1), from the gradient noise of each round's first "
+                "gradients, all-reduced with the next outer step (doubling its bytes, not its latency). The lr "
+                "schedule is read at the scale-invariant step s (s += ρ per step), and training ends when s reaches "
+                "max_steps.",
+        LR_SCALINGS,
+    )
+    lr_scaling_c: float | None = _option(
+        None, "The interpolation constant c of the gain ratio, in [0, 1]: 0 is AdaScale, 1 is LocalAdaScale. "
+              "Default: per lr_scaling."
+    )
+    lr_scaling_ema: float = _option(0.9, "Exponential moving average factor smoothing the σ² and G estimates (0: none).")
+    # --- data
+    data_partition: str = _option(
+        "iid", "How the training data is split across workers: 'iid' (the usual distributed sampler) or "
+               "'by_label': sorted by data_partition_column and cut into one contiguous shard per worker, the "
+               "pathological partition of 'Faster Convergence of Local SGD for Over-Parameterized Models'.",
+        DATA_PARTITIONS,
+    )
+    data_partition_column: str = _option("label", "The column data_partition='by_label' sorts by.")
+
+    def __post_init__(self):
+        self.validate_options()
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # e.g. TrainingArguments', when mixed in
+            parent()
+
+    # ------------------------------------------------------------------ validation
+    def validate_options(self) -> None:
+        """Raise a `ValueError` naming the first invalid field."""
+        def fail(name, message):
+            raise ValueError(f"{name}: {message}")
+
+        def choice(name, choices):
+            value = getattr(self, name)
+            if value not in choices:
+                fail(name, f"must be one of {choices}, got {value!r}")
+
+        def integer(name, low):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                fail(name, f"must be an integer >= {low}, got {value!r}")
+
+        for name, choices in (("sync_every_schedule", SYNC_EVERY_SCHEDULES), ("outer_optimizer", OUTER_OPTIMIZERS),
+                              ("outer_lr_scheduler", OUTER_LR_SCHEDULERS), ("outer_state_device", STATE_DEVICES),
+                              ("outer_comm_dtype", COMM_DTYPES), ("lr_scaling", LR_SCALINGS),
+                              ("pseudo_sync_rate_schedule", PSEUDO_SYNC_RATE_SCHEDULES),
+                              ("data_partition", DATA_PARTITIONS)):
+            choice(name, choices)
+        integer("sync_every", 1)
+        integer("local_sgd_warmup_steps", 0)
+        if self.sync_every_schedule != "constant":
+            integer("sync_every_min", 1)
+            if self.sync_every_min > self.sync_every:
+                fail("sync_every_min", f"must be at most sync_every={self.sync_every}, got {self.sync_every_min}")
+            integer("sync_every_stages", 1)
+            if self.sync_every_schedule == "inverse_lr" and self.outer_lr_scheduler != "constant":
+                fail("outer_lr_scheduler", "a decaying outer lr needs the number of rounds in advance, which "
+                     "sync_every_schedule='inverse_lr' does not know (it follows the inner lr): use 'constant'")
+        if self.outer_lr is not None and not (math.isfinite(self.outer_lr) and self.outer_lr >= 0):
+            fail("outer_lr", f"must be a finite number >= 0, got {self.outer_lr}")
+        if self.outer_momentum is not None and not 0 <= self.outer_momentum < 1:
+            fail("outer_momentum", f"must be in [0, 1), got {self.outer_momentum}")
+        if self.outer_optimizer == "average":
+            for name, value, required in (("outer_lr", self.resolved_outer_lr, 1.0),
+                                          ("outer_momentum", self.resolved_outer_momentum, 0.0)):
+                if value != required:
+                    fail(name, f"outer_optimizer='average' is plain averaging and needs {name}={required}, got "
+                         f"{value}; use outer_optimizer='nesterov' for another outer lr or momentum")
+        if self.outer_optimizer == "schedule_free" and self.resolved_outer_momentum == 0:
+            fail("outer_momentum", "schedule_free needs a momentum (b1) in (0, 1)")
+        if not 0 <= self.outer_lr_plateau_fraction < 1:
+            fail("outer_lr_plateau_fraction", f"must be in [0, 1), got {self.outer_lr_plateau_fraction}")
+        if not 0 <= self.pseudo_sync_prob < 1:
+            fail("pseudo_sync_prob", f"must be in [0, 1), got {self.pseudo_sync_prob}")
+        if not (math.isfinite(self.pseudo_sync_rate) and self.pseudo_sync_rate > 0):
+            fail("pseudo_sync_rate", f"must be a finite number > 0, got {self.pseudo_sync_rate}")
+        if self.lr_scaling_c is not None and not 0 <= self.lr_scaling_c <= 1:
+            fail("lr_scaling_c", f"must be in [0, 1], got {self.lr_scaling_c}")
+        if not 0 <= self.lr_scaling_ema < 1:
+            fail("lr_scaling_ema", f"must be in [0, 1), got {self.lr_scaling_ema}")
+        if self.lr_scaling != "none" and self.pseudo_sync_prob > 0:
+            fail("lr_scaling", "is not combined with PALSGD (pseudo_sync_prob > 0): both set the inner lr")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def resolved_outer_lr(self) -> float:
+        return OUTER_DEFAULTS[self.outer_optimizer][0] if self.outer_lr is None else self.outer_lr
+
+    @property
+    def resolved_outer_momentum(self) -> float:
+        return OUTER_DEFAULTS[self.outer_optimizer][1] if self.outer_momentum is None else self.outer_momentum
+
+    @property
+    def resolved_lr_scaling_c(self) -> float:
+        if self.lr_scaling_c is not None:
+            return self.lr_scaling_c
+        return 1.0 if self.lr_scaling == "local_adascale" else 0.0

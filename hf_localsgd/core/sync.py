@@ -1,0 +1,134 @@
+"""The sync unit: the global model, its outer optimizer, and the blocking outer synchronization.
+
+`OuterSync` holds the global model x as one flat float32 tensor (y for schedule-free), the outer optimizer
+and its lr schedule over it, and the collective that sums the replicas' outer gradients. One call is one
+outer step (docs/methods.md, "The round", steps 3-5):
+
+    Δ_k = x_r - x_k          into a flat buffer, bucket by bucket, straight from the parameters
+    K·Δ = Σ_k Δ_k            one all-reduce per bucket; the last also carries a tail of extra floats
+    x_{r+1} = OuterOpt(x_r, Δ)   the 1/K folded into the optimizer's own pass
+    x_k <- x_{r+1}           on every replica
+
+With the state on the host (``state_device="cpu"``) the outer gradient crosses the device bucket by bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .collectives import AllReduce
+from .flat import FlatParams
+from .options import LocalSGDOptions
+from .outer import ScheduleFreeSGD, build_outer_optimizer, build_outer_scheduler, outer_step
+
+
+class OuterSync:
+    """The global model of ``flat``'s parameters and the blocking outer step over ``reducer``'s replicas."""
+
+    def __init__(self, flat: FlatParams, reducer: AllReduce, options: LocalSGDOptions,
+                 state_device: torch.device, total_rounds: int | None):
+        self.flat, self.reducer = flat, reducer
+        self.state_device = state_device
+        self.global_params = flat.empty(state_device)
+        self.optimizer = build_outer_optimizer(options.outer_optimizer, [self.global_params],
+                                               options.outer_lr, options.outer_momentum)
+        self.scheduler = build_outer_scheduler(self.optimizer, options.outer_lr_scheduler, total_rounds,
+                                               options.outer_lr_plateau_fraction)
+        flat.copy_from_model(self.global_params)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ------------------------------------------------------------------ the global model
+    @torch.no_grad()
+    def broadcast(self) -> None:
+        """Make the global copy and the model identical on every replica (the group's first rank's), so that
+        a loop without DDP's initial broadcast cannot drift silently."""
+        for b in self.flat.buckets:
+            buf = self.global_params[b.start : b.end].to(self.flat.device)
+            self.reducer.broadcast_(buf)
+            self.global_params[b.start : b.end].copy_(buf)
+        self.flat.copy_to_model(self.global_params)
+
+    def reset_from_model(self) -> None:
+        """The model's weights become the global model (after the warm-up: DDP kept them identical)."""
+        self.flat.copy_from_model(self.global_params)
+
+    @torch.no_grad()
+    def eval_params(self) -> torch.Tensor:
+        """The global model to evaluate and save, flat: x_r, or the averaged x for schedule-free."""
+        if isinstance(self.optimizer, ScheduleFreeSGD):
+            return self.optimizer.averaged(self.global_params)
+        return self.global_params
+
+    @property
+    def eval_differs(self) -> bool:
+        """Whether the model to evaluate differs from the one the replicas train from (schedule-free)."""
+        return isinstance(self.optimizer, ScheduleFreeSGD)
+
+    # ------------------------------------------------------------------ one outer step
+    @torch.no_grad()
+    def __call__(self, tail: torch.Tensor | None = None, measure: bool = False):
+        """One outer step. ``tail`` (float32 on the model's device) is summed over the replicas with the outer
+        gradient, in the same collective. Returns the summed tail and, when ``measure``, the 2-element tensor
+        [mean_k ‖Δ_k‖², ‖Δ‖²] (not read here, so the host does not wait for the device mid-sync)."""
+        delta, tail_sum = self._outer_gradient(tail, measure)  # K·Δ
+        k = self.reducer.world_size
+        norms = None
+        if measure:  # taken before the step, which may divide `delta` in place
+            norms = torch.stack([tail_sum[0] / k, delta.dot(delta) / k**2])
+            tail_sum = tail_sum[1:]
+        self.global_params.grad = delta
+        outer_step(self.optimizer, grad_divisor=k)
+        self.scheduler.step()
+        self.global_params.grad = None
+        self.flat.copy_to_model(self.global_params)
+        return (tail_sum if tail is not None else None), norms
+
+    def _outer_gradient(self, tail: torch.Tensor | None, measure: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """K·Δ = Σ_k (x_r - x_k) as one flat float32 tensor on the state device, and the summed tail that the
+        last bucket carried: [Σ_k ‖Δ_k‖² when measuring, then ``tail``]."""
+        flat, numel, extra = self.flat, self.flat.numel, int(measure)
+        tail_numel = extra + (0 if tail is None else tail.numel())
+        delta = torch.empty(numel + tail_numel, dtype=torch.float32, device=self.state_device)
+        on_model_device = self.state_device == flat.device
+        sq_norm = None
+        for b in flat.buckets:
+            last = b.end == numel
+            stop = b.end + (tail_numel if last else 0)
+            buf = delta[b.start : stop] if on_model_device else torch.empty(stop - b.start, device=flat.device)
+            body = buf[: b.numel]
+            global_ = self.global_params[b.start : b.end].to(flat.device, non_blocking=True)
+            # x_r - x_k straight into the flat buffer: one pass per parameter, no flat copy of x_k first.
+            for g, p, d in zip(flat.views(global_, b.start, b.end), b.params, flat.views(body, b.start, b.end)):
+                if p.dtype == torch.float32:
+                    torch.sub(g, p.detach(), out=d)
+                else:
+                    # A bfloat16/float16 replica started from x_r rounded to its dtype: Δ_k is its move from
+                    # there. (x_r - x_k would also hand the rounding residual to the outer optimizer every round,
+                    # where momentum accumulates it.) The float32 x_r keeps what the replicas cannot represent.
+                    d.copy_(g.to(p.dtype)).sub_(p.detach())
+            if measure:
+                sq_norm = body.dot(body) if sq_norm is None else sq_norm + body.dot(body)
+            if last and measure:
+                buf[b.numel] = sq_norm
+            if last and tail is not None:
+                buf[b.numel + extra :].copy_(tail)
+            summed = self.reducer.sum_(buf)
+            if summed is not buf or not on_model_device:
+                delta[b.start : stop].copy_(summed)
+        return delta[:numel], delta[numel:]
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return {"global_params": self.global_params, "outer_optimizer": self.optimizer.state_dict(),
+                "outer_scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["global_params"].numel() != self.flat.numel:
+            raise ValueError(f"Checkpoint holds {state['global_params'].numel()} global parameters, the model "
+                             f"has {self.flat.numel}")
+        self.global_params.copy_(state["global_params"])
+        self.optimizer.load_state_dict(state["outer_optimizer"])
+        self.scheduler.load_state_dict(state["outer_scheduler"])

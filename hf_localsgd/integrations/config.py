@@ -1,0 +1,66 @@
+"""The options for `transformers`: `LocalSGDArguments` to mix into any trainer's config, `LocalSGDConfig`
+for `LocalSGDTrainer`.
+
+The fields, their help texts, choices and validation are `LocalSGDOptions`' (`hf_localsgd.core.options`);
+this module adds only what concerns the trainer's own fields. For TRL's `SFTTrainer`, for example:
+
+    @dataclass
+    class SFTLocalSGDConfig(LocalSGDArguments, SFTConfig):
+        pass
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..core.options import LocalSGDOptions
+
+
+@dataclass
+class LocalSGDArguments(LocalSGDOptions):
+    """`LocalSGDOptions` as a mixin for a `TrainingArguments` subclass: its `__post_init__` also checks the
+    options against the trainer's fields (a warm-up longer than `max_steps`, sharding, fp16 with PALSGD)."""
+
+    def validate_options(self) -> None:
+        super().validate_options()
+
+        def fail(name, message):
+            raise ValueError(f"{name}: {message}")
+
+        max_steps = getattr(self, "max_steps", -1)
+        if max_steps is not None and max_steps > 0 and self.local_sgd_warmup_steps >= max_steps:
+            fail("local_sgd_warmup_steps", f"({self.local_sgd_warmup_steps}) must be shorter than max_steps "
+                 f"({max_steps}), or no local round would ever run")
+        if self.pseudo_sync_prob > 0 and getattr(self, "fp16", False):
+            fail("pseudo_sync_prob", "PALSGD skips the gradients of pseudo-synchronization steps, which fp16's "
+                 "gradient scaler cannot step without; use bf16")
+        # Sharded or engine-managed data parallelism synchronizes (or shards) what local SGD keeps local.
+        if getattr(self, "deepspeed", None):
+            fail("deepspeed", "DeepSpeed manages gradient reduction itself; local SGD needs plain DDP (unset it)")
+        if getattr(self, "fsdp", None):
+            fail("fsdp", "FSDP shards parameters over all ranks; local SGD needs a full replica per rank (unset it)")
+
+
+@dataclass
+class LocalSGDConfig(LocalSGDArguments, TrainingArguments):
+    """`transformers.TrainingArguments` plus the local-SGD options, for `LocalSGDTrainer`.
+
+    Defaults differ from `TrainingArguments` where the Trainer would communicate on every inner step:
+    `ddp_broadcast_buffers` is `False` (DDP would broadcast buffers on every forward pass), and
+    `average_tokens_across_devices` is `False` (it all-gathers token counts on every step).
+    """
+
+    ddp_broadcast_buffers: bool | None = field(
+        default=False,
+        metadata={"help": "Broadcast module buffers from rank 0 on every forward pass. Off for local SGD: a "
+                          "collective in every inner step, and each replica's buffers are its own."},
+    )
+    average_tokens_across_devices: bool = field(
+        default=False,
+        metadata={
+            "help": "Normalize the loss by the token count of all replicas. Off for local SGD: it costs an "
+            "all-gather on every inner step, and each replica's update is its own until the outer step."
+        },
+    )

@@ -1,0 +1,112 @@
+"""`LocalSGDTrainer`: `transformers.Trainer` with Local SGD / DiLoCo / schedule-free outer optimization.
+
+A thin subclass: the work is done by `LocalSGDCallback`, attached at construction. `LocalSGDTrainerMixin`
+holds the overrides, so that any `Trainer` subclass can have them (`class SFTLocalSGDTrainer(
+LocalSGDTrainerMixin, SFTTrainer)`): `train` (to tell the callback which checkpoint it resumes from),
+`_save_checkpoint` (to write each rank's state before Trainer pushes the checkpoint) and `evaluate` (both also
+put the global model in, whichever callback asked for them), `create_model_card` (to record the method), and,
+for PALSGD and `data_partition="by_label"`, `training_step` and `_get_train_sampler`.
+
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml my_script.py   # any Trainer script:
+    # args = LocalSGDConfig(output_dir="out", sync_every=16, outer_optimizer="nesterov", ...)
+    # trainer = LocalSGDTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..core.partition import LabelShardSampler
+from .callback import MODEL_TAG, LocalSGDCallback
+from .card import method_card_section
+from .config import LocalSGDArguments, LocalSGDConfig
+
+
+class LocalSGDTrainerMixin:
+    """The local-SGD overrides of `LocalSGDTrainer`, for any `transformers.Trainer` subclass: put it first,
+    `class MyTrainer(LocalSGDTrainerMixin, SomeTrainer)`. `args` must mix in `LocalSGDArguments`."""
+
+    # What LocalSGDCallback cannot do from outside a trainer and this class does (read by the callback).
+    local_sgd_partitions_data = True  # _get_train_sampler
+    local_sgd_writes_state_before_push = True  # _save_checkpoint
+
+    def __init__(self, model=None, args=None, *posargs, **kwargs):
+        if args is None:
+            args = LocalSGDConfig(output_dir="trainer_output")
+        if not isinstance(args, LocalSGDArguments):
+            raise TypeError(
+                f"{type(self).__name__} needs a LocalSGDConfig (or a config that mixes in LocalSGDArguments), got "
+                f"{type(args).__name__}"
+            )
+        super().__init__(model, args, *posargs, **kwargs)
+        self.local_sgd = LocalSGDCallback.attach(self)
+        self._last_loss = torch.zeros((), device=self.args.device)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.data_partition == "iid":
+            return super()._get_train_sampler(train_dataset)
+        column = self.args.data_partition_column
+        # self.train_dataset still has the column: Trainer drops the ones the model does not take before
+        # building the sampler, but keeps the rows, so indices are the same.
+        if not hasattr(self.train_dataset, "column_names") or column not in self.train_dataset.column_names:
+            raise ValueError(
+                f"data_partition_column: data_partition='by_label' sorts by column {column!r}, which the train "
+                f"dataset does not have (columns: {getattr(self.train_dataset, 'column_names', None)})"
+            )
+        return LabelShardSampler(
+            self.train_dataset[column], self.args.world_size, self.args.per_device_train_batch_size,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+        )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.local_sgd.engine.skips_gradient_step:
+            # PALSGD: this step's batch is drawn (all ranks stay in step with the data order) but not used.
+            # The loss logged for it is this rank's last one.
+            return self._last_loss
+        self._last_loss = super().training_step(model, inputs, num_items_in_batch)
+        return self._last_loss
+
+    def _save_checkpoint(self, model, trial):
+        # Each rank's local-SGD state goes into the checkpoint before Trainer pushes it (hub_strategy): with
+        # save_strategy="best" the decision to save comes after the callback's last chance to write it, and
+        # rank 0 must not push before the other ranks have written theirs. What is saved is the global model,
+        # also when a callback after LocalSGDCallback asked for the save.
+        if self.local_sgd.training:
+            self.local_sgd.write_state(self.args, self.state, self.optimizer)
+            self.local_sgd.load_global_model()
+            self.accelerator.wait_for_everyone()
+        super()._save_checkpoint(model, trial)
+
+    def evaluate(self, *posargs, **kwargs):
+        # During training, the global model is evaluated (schedule-free: x), also when a callback after
+        # LocalSGDCallback asked for the evaluation; this replica's weights come back before the next step.
+        if self.local_sgd.training:
+            self.local_sgd.load_global_model()
+        return super().evaluate(*posargs, **kwargs)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *posargs, **kwargs):
+        if resume_from_checkpoint is True:  # left True when there is none, so that Trainer raises its error
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        self.local_sgd.resume_from_checkpoint = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        return super().train(resume_from_checkpoint, *posargs, **kwargs)
+
+    def create_model_card(self, *posargs, tags=None, **kwargs):
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        if MODEL_TAG not in tags:
+            tags.append(MODEL_TAG)
+        super().create_model_card(*posargs, tags=tags, **kwargs)
+        if not self.is_world_process_zero():
+            return
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as card:
+            card.write(method_card_section(self.args, world_size))
+
+
+class LocalSGDTrainer(LocalSGDTrainerMixin, Trainer):
+    """Drop-in replacement for `transformers.Trainer`; `args` must be a `LocalSGDConfig` (or any
+    `TrainingArguments` subclass that mixes in `LocalSGDArguments`)."""

@@ -1,0 +1,122 @@
+"""Every recipe parses into the argument dataclasses and builds its model, so recipes, READMEs and code
+cannot drift; the recipe parser rejects unknown keys and wrong types by name, and flags override keys."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from hf_localsgd.recipes.models import build_model_config
+from hf_localsgd.recipes.train import parse_args, resume_argument
+
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "recipes").glob("*/*.yaml"))
+# GPU recipes ask for bf16, which TrainingArguments refuses on a machine without a GPU unless use_cpu is set.
+ON_THIS_MACHINE = ["--use_cpu", "true"]
+
+
+def test_recipes_exist():
+    names = {p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES}
+    assert {"gptneo-tinystories/ddp.yaml", "gptneo-tinystories/localsgd.yaml", "gptneo-tinystories/diloco.yaml",
+            "gptneo-tinystories/palsgd.yaml", "gptneo-tinystories/demo.yaml"} <= names
+    for size in ("150m", "400m", "1b"):
+        assert {f"chinchilla-c4/{size}-nesterov.yaml", f"chinchilla-c4/{size}-schedule-free.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())
+def test_recipe_parses_and_builds_its_model(recipe):
+    model_args, data_args, script_args, training_args = parse_args([str(recipe), *ON_THIS_MACHINE])
+    config = build_model_config(model_args.model_config)
+    assert data_args.block_size <= config.max_position_embeddings
+    assert training_args.output_dir.startswith("outputs/")
+    if script_args.trainer == "localsgd":
+        assert training_args.local_sgd_warmup_steps < (training_args.max_steps if training_args.max_steps > 0
+                                                       else float("inf"))
+
+
+@pytest.mark.parametrize("family", sorted({p.parent for p in RECIPES}), ids=lambda p: p.name)
+def test_family_readme_names_every_recipe_and_only_existing_ones(family):
+    readme = (family / "README.md").read_text()
+    for recipe in family.glob("*.yaml"):
+        assert f"recipes/{family.name}/{recipe.name}" in readme, f"{recipe.name} missing from {family.name}/README.md"
+    for mentioned in re.findall(r"recipes/[\w.-]+/[\w.-]+\.yaml", readme):
+        assert (ROOT / mentioned).is_file(), mentioned
+
+
+def test_schedule_free_recipes_use_seed_000_settings():
+    for recipe in (ROOT / "recipes" / "chinchilla-c4").glob("*-schedule-free.yaml"):
+        args = parse_args([str(recipe), *ON_THIS_MACHINE])[3]
+        assert (args.outer_optimizer, args.outer_lr, args.outer_momentum) == ("schedule_free", 2.0, 0.2)
+        assert args.outer_lr_scheduler == "constant" and args.local_sgd_warmup_steps == 0
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_command_line_overrides_recipe(tmp_path):
+    recipe = write(tmp_path, "max_steps: 100\nsync_every: 16\nlearning_rate: 1.0e-3\noutput_dir: out\n")
+    *_, args = parse_args([recipe, "--max_steps", "6", "--sync_every=3"])
+    assert (args.max_steps, args.sync_every, args.learning_rate) == (6, 3, 1e-3)
+
+
+def test_recipe_values_of_every_shape(tmp_path):
+    recipe = write(tmp_path, "output_dir: out\nlearning_rate: 1e-3\nbf16: false\nreport_to: [none]\n"
+                             "outer_lr: null\nlr_scheduler_kwargs: {num_cycles: 2}\nmax_eval_samples: 8\n")
+    _, data_args, _, args = parse_args([recipe])
+    assert args.learning_rate == 1e-3 and args.bf16 is False and args.outer_lr is None
+    assert args.lr_scheduler_kwargs == {"num_cycles": 2} and data_args.max_eval_samples == 8
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path, capsys):
+    recipe = write(tmp_path, "output_dir: out\nlearnig_rate: 1.0e-3\n")
+    with pytest.raises(SystemExit):
+        parse_args([recipe])
+    err = capsys.readouterr().err
+    assert "unknown key 'learnig_rate'" in err and "did you mean 'learning_rate'" in err
+
+
+@pytest.mark.parametrize("line, key", [("learning_rate: fast", "learning_rate"), ("sync_every: 2.5", "sync_every"),
+                                       ("outer_optimizer: adam", "outer_optimizer")])
+def test_wrong_type_is_an_error_naming_the_key(tmp_path, capsys, line, key):
+    with pytest.raises(SystemExit):
+        parse_args([write(tmp_path, f"output_dir: out\n{line}\n")])
+    assert f"--{key}" in capsys.readouterr().err
+
+
+def test_unknown_flag_is_an_error_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args([write(tmp_path, "output_dir: out\n"), "--sync_evry", "3"])
+    assert "unrecognized arguments: --sync_evry 3" in capsys.readouterr().err
+
+
+def test_invalid_combination_is_an_error_naming_the_key(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args([write(tmp_path, "output_dir: out\nmax_steps: 10\nlocal_sgd_warmup_steps: 32\n")])
+    assert "error: local_sgd_warmup_steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["block_size", "max_steps", "pseudo_sync_prob"])
+def test_null_is_an_error_naming_the_key_unless_the_default_is_none(tmp_path, capsys, key):
+    with pytest.raises(SystemExit):
+        parse_args([write(tmp_path, f"output_dir: out\n{key}: null\n")])
+    assert f"{key} cannot be null" in capsys.readouterr().err
+
+
+def test_resume_from_checkpoint_true_means_the_last_checkpoint():
+    assert resume_argument("true") is True and resume_argument("True") is True
+    assert resume_argument("false") is None and resume_argument(None) is None
+    assert resume_argument("outputs/run/checkpoint-500") == "outputs/run/checkpoint-500"
+
+
+def test_a_list_for_a_single_value_is_an_error_naming_the_key(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args([write(tmp_path, "output_dir: out\nsync_every: [4, 8]\n")])
+    assert "sync_every takes one value, got a list" in capsys.readouterr().err
+    _, _, _, args = parse_args([write(tmp_path, "output_dir: out\nlabel_names: [labels, more]\n")])  # a list field
+    assert args.label_names == ["labels", "more"]

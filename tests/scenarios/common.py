@@ -1,0 +1,117 @@
+"""The harness of the multi-process scenarios, and what they share (tiny models, data, collective counting).
+
+Each scenario is a script in this folder, run on every rank under `accelerate launch`; its `run(out_dir,
+*options)` returns a JSON-able dict, which `main` writes as `result_rank{R}.json` for the test to read:
+
+    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml tests/scenarios/rounds.py OUT_DIR
+
+(`tests/conftest.py: run_scenario` does this with a free port and a timeout.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from datasets import Dataset
+from transformers import GPTNeoConfig, GPTNeoForCausalLM, set_seed
+
+
+VOCAB, SEQ = 64, 16
+
+
+def main(run) -> None:
+    """Join the process group accelerate launch set up (gloo, CPU only), run the scenario, write this rank's
+    result, and leave together."""
+    out_dir, *options = sys.argv[1:]
+    PartialState(cpu=True)
+    os.makedirs(out_dir, exist_ok=True)
+    result = run(out_dir, *options)
+    result["world_size"] = dist.get_world_size()
+    with open(os.path.join(out_dir, f"result_rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(result, f)
+    # A rank that exits while another still talks to it can abort gloo's threads: leave together.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def tiny_model(dropout: float = 0.0) -> GPTNeoForCausalLM:
+    set_seed(0)
+    config = GPTNeoConfig(
+        vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=SEQ,
+        attention_types=[[["global", "local"], 1]], window_size=8, bos_token_id=0, eos_token_id=0,
+        embed_dropout=dropout, attention_dropout=dropout, resid_dropout=dropout,
+    )
+    return GPTNeoForCausalLM(config)
+
+
+def dataset(n: int = 256) -> Dataset:
+    # Learnable sequences: each row counts up from a random start, modulo the vocabulary.
+    g = torch.Generator().manual_seed(1)
+    starts = torch.randint(0, VOCAB, (n, 1), generator=g)
+    ids = ((starts + torch.arange(SEQ)) % VOCAB).tolist()
+    # `start` is a label to partition by (data_partition="by_label"); the model never sees it.
+    return Dataset.from_dict({"input_ids": ids, "labels": ids, "start": starts[:, 0].tolist()})
+
+
+def flat_params(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def common_args(out_dir: str, **overrides) -> dict:
+    args = dict(
+        output_dir=out_dir, per_device_train_batch_size=4, learning_rate=3e-3, lr_scheduler_type="constant",
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0,
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    args.update(overrides)
+    return args
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter_tensor", "gather", "scatter", "all_to_all_single",
+               "barrier")
+
+
+def count_collectives() -> dict:
+    """Counts torch.distributed collectives: all of them ("total"), and those hf_localsgd issues itself."""
+    counts = {"total": 0, "all_reduce": 0, "broadcast": 0}
+    for name in COLLECTIVES:
+        original = getattr(dist, name)
+
+        def wrapper(*args, _original=original, _name=name, **kwargs):
+            counts["total"] += 1
+            if _name in counts and sys._getframe(1).f_globals["__name__"].startswith("hf_localsgd"):
+                counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, wrapper)
+    return counts
+
+
+class LinearRegression(torch.nn.Module):
+    """A small model for reference tests: y = w·x + b with a squared loss."""
+
+    def __init__(self):
+        super().__init__()
+        set_seed(0)
+        self.linear = torch.nn.Linear(4, 1)
+
+    def forward(self, features, labels):
+        return {"loss": (self.linear(features).squeeze(-1) - labels).pow(2).mean()}
+
+
+def regression_data(n: int = 64) -> Dataset:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(n, 4, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(n, generator=g)
+    return Dataset.from_dict({"features": x.tolist(), "labels": y.tolist()})
