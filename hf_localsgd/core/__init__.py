@@ -6,6 +6,7 @@
 - `flat`, `collectives`: the flat parameter layout and its buckets; the all-reduce of the outer gradient
 - `outer`: the outer optimizers (`ScheduleFreeSGD` included) and outer-lr schedules
 - `hooks`, `palsgd`, `adascale`: the variants of the round (PALSGD, AdaScale / LocalAdaScale) as hooks
+- `build`: from options to the engine's parts (collective, sync unit, hooks)
 - `schedules`: communication schedules, the H of each round
 - `checkpoint`: per-rank state files, to resume exactly
 - `metrics`: the names of the per-sync metrics

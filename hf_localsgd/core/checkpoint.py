@@ -38,6 +38,31 @@ def global_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def check_resumable(state: dict, engine: RoundEngine) -> None:
+    """Refuse an engine state that this run cannot continue exactly, with what differs."""
+    if state["world_size"] != engine.world_size:
+        raise ValueError(
+            f"Checkpoint was written by {state['world_size']} replicas, this run has {engine.world_size}: each "
+            "replica resumes its own weights and inner-optimizer state, so resume with as many processes"
+        )
+    if state["outer_optimizer_name"] != engine.options.outer_optimizer:
+        raise ValueError(f"Checkpoint was trained with outer_optimizer={state['outer_optimizer_name']!r}, "
+                         f"this run uses {engine.options.outer_optimizer!r}")
+    ours = {hook.name: hook.option for hook in engine.hooks}
+    saved = state.get("round_hooks")
+    if saved is None:  # written by hf_localsgd 0.1, which kept every variant's state, used or not
+        saved = {name: option for name, option in ours.items() if name == "palsgd"}
+        if state["gain"] is not None:
+            saved["lr_scaling"] = "lr_scaling"
+    switched = sorted(set(saved) ^ set(ours))
+    if switched:
+        name = switched[0]
+        raise ValueError(
+            f"Checkpoint was trained with {(saved | ours)[name]} {'on' if name in saved else 'off'}, this run "
+            f"has it {'on' if name in ours else 'off'}: its state cannot be made up or dropped exactly"
+        )
+
+
 def save_rank_state(directory: str, engine: RoundEngine, optimizer: torch.optim.Optimizer | None = None) -> str:
     """Write this rank's state into ``directory`` (created if needed); returns the file's path."""
     os.makedirs(directory, exist_ok=True)

@@ -24,28 +24,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .collectives import AllReduce
-from .flat import FlatParams
-from .hooks import RoundHook, build_hooks
+from .build import build_hooks, build_reducer, build_sync
+from .checkpoint import check_resumable
+from .flat import FlatParams, warn_about_unsynchronized_buffers
+from .hooks import RoundHook
 from .metrics import outer_gradient_metrics, ring_bytes
 from .options import LocalSGDOptions
-from .schedules import build_sync_schedule, count_rounds
-from .sync import OuterSync
+from .schedules import build_sync_schedule, peak_lr, total_rounds
 
 
 logger = logging.getLogger(__name__)
-
-
-def unsynchronized_buffers(model: nn.Module) -> list[str]:
-    """Names of the floating-point buffers saved with ``model`` (e.g. BatchNorm's running statistics): the
-    engine averages parameters only, so these may drift apart across replicas. Non-persistent buffers
-    (attention masks, rotary frequencies) are rebuilt identically everywhere and are not listed."""
-    return [
-        f"{prefix}.{name}" if prefix else name
-        for prefix, module in model.named_modules()
-        for name, buffer in module.named_buffers(recurse=False)
-        if buffer.is_floating_point() and name not in module._non_persistent_buffers_set
-    ]
 
 
 class RoundEngine:
@@ -110,23 +98,14 @@ class RoundEngine:
         params = model.parameters() if isinstance(model, nn.Module) else model
         self.flat = FlatParams([p for p in params if p.requires_grad], bucket_size_mb * 2**20 / 4)
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        self.peak_lr = self._peak_lr()
-        self.reducer = AllReduce(process_group, options.outer_comm_dtype)
+        self.peak_lr = peak_lr(optimizer, lr_scheduler)
+        self.reducer = build_reducer(options, process_group)
         self.world_size, self.replica_index = self.reducer.world_size, self.reducer.rank
         self.warmup_steps = options.local_sgd_warmup_steps
         self.track_metrics = track_metrics
 
-        if options.sync_every_schedule == "inverse_lr" and optimizer is None:
-            raise ValueError("sync_every_schedule: 'inverse_lr' follows the inner lr: give the engine the optimizer")
-        self._schedule = build_sync_schedule(options, total_steps, self._current_lr, self.peak_lr, lr_warmup_steps)
-        total_rounds = None
-        if options.outer_lr_scheduler != "constant":
-            if total_steps is None:
-                raise ValueError(f"outer_lr_scheduler: {options.outer_lr_scheduler!r} decays over the run: give the "
-                                 "engine total_steps")
-            total_rounds = count_rounds(self._schedule, self.warmup_steps, total_steps)
-        state_device = self.flat.device if options.outer_state_device == "model" else torch.device("cpu")
-        self.outer = OuterSync(self.flat, self.reducer, options, state_device, total_rounds)
+        self._schedule = build_sync_schedule(options, total_steps, optimizer, self.peak_lr, lr_warmup_steps)
+        self.outer = build_sync(options, self.flat, self.reducer, total_rounds(options, self._schedule, total_steps))
 
         self.hooks = build_hooks(options, seed=seed, total_steps=total_steps) if hooks is None else list(hooks)
         for hook in self.hooks:
@@ -144,29 +123,12 @@ class RoundEngine:
     def _announce(self, model) -> None:
         if self.world_size > 1:
             self.outer.broadcast()
-            drifting = unsynchronized_buffers(model) if isinstance(model, nn.Module) else []
-            if drifting and self.replica_index == 0:
-                logger.warning(
-                    "RoundEngine: the model has %d floating-point buffers that are saved with it (%s%s), e.g. "
-                    "BatchNorm statistics. Only parameters are averaged: each replica keeps its own buffers, "
-                    "which may drift apart, and a checkpoint holds rank 0's.", len(drifting),
-                    ", ".join(drifting[:3]), ", ..." if len(drifting) > 3 else "",
-                )
+            if isinstance(model, nn.Module) and self.replica_index == 0:
+                warn_about_unsynchronized_buffers(model)
         else:
             # A warning, so that it shows: one process is often a launch that did not start the others.
             logger.warning("RoundEngine: world size 1, the outer step applies %s to the single replica's update "
                            "and nothing is communicated.", self.options.outer_optimizer)
-
-    def _peak_lr(self) -> float | None:
-        if self.lr_scheduler is not None and getattr(self.lr_scheduler, "base_lrs", None):
-            return self.lr_scheduler.base_lrs[0]
-        if self.optimizer is not None:
-            group = self.optimizer.param_groups[0]
-            return group.get("initial_lr", group["lr"])
-        return None
-
-    def _current_lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
 
     # ------------------------------------------------------------------ position in training (read-only)
     num_steps = property(lambda self: self._num_steps, doc="Calls of step() so far.")
@@ -377,27 +339,7 @@ class RoundEngine:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if state["world_size"] != self.world_size:
-            raise ValueError(
-                f"Checkpoint was written by {state['world_size']} replicas, this run has {self.world_size}: each "
-                "replica resumes its own weights and inner-optimizer state, so resume with as many processes"
-            )
-        if state["outer_optimizer_name"] != self.options.outer_optimizer:
-            raise ValueError(f"Checkpoint was trained with outer_optimizer={state['outer_optimizer_name']!r}, "
-                             f"this run uses {self.options.outer_optimizer!r}")
-        ours = {hook.name: hook.option for hook in self.hooks}
-        saved = state.get("round_hooks")
-        if saved is None:  # written by hf_localsgd 0.1, which kept every variant's state, used or not
-            saved = {name: option for name, option in ours.items() if name == "palsgd"}
-            if state["gain"] is not None:
-                saved["lr_scaling"] = "lr_scaling"
-        switched = sorted(set(saved) ^ set(ours))
-        if switched:
-            name = switched[0]
-            raise ValueError(
-                f"Checkpoint was trained with {(saved | ours)[name]} {'on' if name in saved else 'off'}, this run "
-                f"has it {'on' if name in ours else 'off'}: its state cannot be made up or dropped exactly"
-            )
+        check_resumable(state, self)
         self.outer.load_state_dict(state)
         for hook in self.hooks:
             hook.load_state_dict(state)

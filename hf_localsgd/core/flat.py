@@ -11,8 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
 import torch
 from torch import nn
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,3 +98,25 @@ class FlatParams:
         pairs = [(v, p.grad) for v, p in zip(self.views(flat), self.params) if p.grad is not None]
         if pairs:
             torch._foreach_copy_([v for v, _ in pairs], [g for _, g in pairs])
+
+
+def unsynchronized_buffers(model: nn.Module) -> list[str]:
+    """Names of the floating-point buffers saved with ``model`` (e.g. BatchNorm's running statistics): the
+    engine averages parameters only, so these may drift apart across replicas. Non-persistent buffers
+    (attention masks, rotary frequencies) are rebuilt identically everywhere and are not listed."""
+    return [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        for name, buffer in module.named_buffers(recurse=False)
+        if buffer.is_floating_point() and name not in module._non_persistent_buffers_set
+    ]
+
+
+def warn_about_unsynchronized_buffers(model: nn.Module) -> None:
+    drifting = unsynchronized_buffers(model)
+    if drifting:
+        logger.warning(
+            "RoundEngine: the model has %d floating-point buffers that are saved with it (%s%s), e.g. BatchNorm "
+            "statistics. Only parameters are averaged: each replica keeps its own buffers, which may drift apart, "
+            "and a checkpoint holds rank 0's.", len(drifting), ", ".join(drifting[:3]), ", ..." if len(drifting) > 3 else "",
+        )

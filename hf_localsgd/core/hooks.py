@@ -1,4 +1,4 @@
-"""Round hooks: the variants of the round as self-contained objects, and the factory from options to them.
+"""Round hooks: the variants of the round as self-contained objects (`build.py` makes them from the options).
 
 A hook holds all of one variant's logic and state (PALSGD in `palsgd.py`, AdaScale / LocalAdaScale in
 `adascale.py`); the engine calls it at fixed points and knows nothing else about it. Per inner step, in this
@@ -61,18 +61,3 @@ class RoundHook:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-def build_hooks(options, *, seed: int, total_steps: int | None) -> list[RoundHook]:
-    """The hooks the options switch on (one factory from options to the round's variants)."""
-    from .adascale import GainRatioScaling
-    from .palsgd import PseudoSync
-
-    hooks: list[RoundHook] = []
-    if options.pseudo_sync_prob > 0:
-        hooks.append(PseudoSync(options.pseudo_sync_prob, options.pseudo_sync_rate,
-                                options.pseudo_sync_rate_schedule, seed=seed))
-    if options.lr_scaling != "none":
-        hooks.append(GainRatioScaling(options.resolved_lr_scaling_c, options.lr_scaling_ema, budget=total_steps))
-    return hooks
-

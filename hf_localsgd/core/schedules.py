@@ -70,19 +70,43 @@ def sync_every_schedule(
 def build_sync_schedule(
     options: LocalSGDOptions,
     total_steps: int | None,
-    current_lr: Callable[[], float] | None = None,
+    optimizer=None,
     peak_lr: float | None = None,
     lr_warmup_steps: int = 0,
 ) -> int | Callable[[int], int]:
-    """The H schedule the options describe, over local steps from the warm-up's end to ``total_steps``."""
+    """The H schedule the options describe, over local steps from the warm-up's end to ``total_steps``;
+    ``inverse_lr`` reads the inner lr from ``optimizer``."""
     if options.sync_every_schedule in ("linear", "stepwise") and total_steps is None:
         raise ValueError(f"sync_every_schedule={options.sync_every_schedule!r} ramps up over the run: give the "
                          "engine total_steps")
+    if options.sync_every_schedule == "inverse_lr" and optimizer is None:
+        raise ValueError("sync_every_schedule: 'inverse_lr' follows the inner lr: give the engine the optimizer")
+    current_lr = None if optimizer is None else (lambda: optimizer.param_groups[0]["lr"])
     return sync_every_schedule(
         options.sync_every_schedule, options.sync_every, options.sync_every_min,
         options.local_sgd_warmup_steps, total_steps or 0, stages=options.sync_every_stages,
         current_lr=current_lr, peak_lr=peak_lr, lr_warmup_end=lr_warmup_steps,
     )
+
+
+def total_rounds(options: LocalSGDOptions, schedule: int | Callable[[int], int], total_steps: int | None) -> int | None:
+    """The rounds a decaying outer lr schedule spreads over (None for a constant outer lr)."""
+    if options.outer_lr_scheduler == "constant":
+        return None
+    if total_steps is None:
+        raise ValueError(f"outer_lr_scheduler: {options.outer_lr_scheduler!r} decays over the run: give the engine "
+                         "total_steps")
+    return count_rounds(schedule, options.local_sgd_warmup_steps, total_steps)
+
+
+def peak_lr(optimizer=None, lr_scheduler=None) -> float | None:
+    """The inner lr schedule's peak (its base lr), for the rules that follow the inner lr."""
+    if lr_scheduler is not None and getattr(lr_scheduler, "base_lrs", None):
+        return lr_scheduler.base_lrs[0]
+    if optimizer is not None:
+        group = optimizer.param_groups[0]
+        return group.get("initial_lr", group["lr"])
+    return None
 
 
 def count_rounds(sync_every: int | Callable[[int], int], start_step: int, end_step: int) -> int:

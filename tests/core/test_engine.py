@@ -11,7 +11,7 @@ import torch
 from toy import flat, local_steps, model
 
 from hf_localsgd import LocalSGDOptions, RoundEngine, RoundHook
-from hf_localsgd.core.engine import unsynchronized_buffers
+from hf_localsgd.core.flat import unsynchronized_buffers
 
 
 def test_buckets_and_cpu_state_give_identical_results():

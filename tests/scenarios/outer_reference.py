@@ -26,7 +26,7 @@ def run(out_dir: str) -> dict:
             self.messages.append(record.getMessage())
 
     records = Records()
-    logging.getLogger("hf_localsgd.core.engine").addHandler(records)
+    logging.getLogger("hf_localsgd.core.flat").addHandler(records)
     rank, world = dist.get_rank(), dist.get_world_size()
     errors = {}
     for comm_dtype in ("float32", "bfloat16"):
