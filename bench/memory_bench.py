@@ -6,7 +6,7 @@ option costs in sync time.
 
 One process (world size 1: the sync has no all-reduce, so its time is exactly the copies and the outer step
 that the offload changes; the network part is the same for both options). The model is GPT-Neo 8M of
-``hf_localsgd.models`` with an AdamW inner optimizer that has taken one step (its state exists).
+``hf_localsgd.recipes.models`` with an AdamW inner optimizer that has taken one step (its state exists).
 
 Two measurements per (outer optimizer, state device):
 
@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_localsgd import RoundEngine  # noqa: E402
-from hf_localsgd.models import build_model, build_model_config  # noqa: E402
+from hf_localsgd.recipes.models import build_model, build_model_config  # noqa: E402
 
 
 def tensor_bytes_by_device(engine: RoundEngine) -> dict[str, int]:
@@ -63,7 +63,6 @@ def tensor_bytes_by_device(engine: RoundEngine) -> dict[str, int]:
 def perturb(model, engine, amount: float) -> None:
     with torch.no_grad():
         torch._foreach_add_([p for p in model.parameters() if p.requires_grad], amount)
-    engine.inner_step = 1
 
 
 def timed_sync(model, engine, device, amount) -> float:
@@ -71,7 +70,7 @@ def timed_sync(model, engine, device, amount) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    engine.sync()
+    engine.step()  # H = 1: every step is a round and its sync
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t
@@ -107,26 +106,26 @@ def main():
     rows = []
     for outer in ["average", "nesterov", "schedule_free"]:
         for state_device in ["model", "cpu"]:
-            engine = RoundEngine(model, sync_every=1, outer_optimizer=outer, state_device=state_device,
+            engine = RoundEngine(model, sync_every=1, outer_optimizer=outer, outer_state_device=state_device,
                                  bucket_size_mb=args.bucket_size_mb)
             perturb(model, engine, 1e-4)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 before_sync = torch.cuda.memory_allocated()
-            engine.sync()  # creates the outer optimizer's state
+            engine.step()  # H = 1: a sync, which creates the outer optimizer's state
             if cuda:
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated()
                 after = torch.cuda.memory_allocated()
             acct = tensor_bytes_by_device(engine)
-            dev_key = str(engine.device)
+            dev_key = str(engine.flat.device)
             on_dev = sum(v for k, v in acct.items() if k == dev_key)
             on_host = sum(v for k, v in acct.items() if k != dev_key)
             # Transient during sync (from the code path): outer gradient on the state device; when offloaded,
             # the largest bucket's staging buffer plus its copy of the global slice on the model's device.
-            biggest = max(end - start for start, end, _ in engine._buckets)
-            if engine.state_device == engine.device:
+            biggest = max(bucket.numel for bucket in engine.flat.buckets)
+            if engine.global_params.device == engine.flat.device:
                 trans_dev = 4 * numel
             else:
                 trans_dev = 2 * 4 * biggest
@@ -147,7 +146,7 @@ def main():
                 torch.cuda.empty_cache()
 
     # Sync time: model vs cpu state, same model, interleaved.
-    engines = {sd: RoundEngine(model, sync_every=1, outer_optimizer="nesterov", state_device=sd,
+    engines = {sd: RoundEngine(model, sync_every=1, outer_optimizer="nesterov", outer_state_device=sd,
                                bucket_size_mb=args.bucket_size_mb) for sd in ["model", "cpu"]}
     for sd, e in engines.items():  # warm-up (also creates momentum)
         timed_sync(model, e, device, 1e-4)

@@ -7,7 +7,7 @@ Run (2 CPU processes, gloo, one thread each), from the repository root:
 
 (``accelerate launch --cpu --num_processes 2`` would start ONE process; the config above is the way.)
 
-Target (core issue): for the GPT-Neo 8M of SPEC.md on 2 CPU processes, one ``RoundEngine.sync()`` with the
+Target (core issue): for GPT-Neo 8M (PALSGD's App. C shapes) on 2 CPU processes, one ``RoundEngine.sync()`` with the
 ``nesterov`` outer optimizer and float32 communication takes at most 1.5x the time of one raw
 ``dist.all_reduce`` of a flat float32 buffer with as many elements as the model's trainable parameters. The
 script exits with status 1 and prints ``TARGET MISSED`` when the median ratio is above ``--target``.
@@ -19,10 +19,10 @@ What is timed, per repetition, each case once, in an order rotated every repetit
   with ones before each call so the values never grow).
 - ``engine <opt> ...``: one ``RoundEngine.sync()``: outer gradient written into a flat buffer, all-reduce,
   outer optimizer step and LR scheduler step, copy of the global model back into the model.
-  Before it the model's weights are moved by a rank-dependent amount (one ``_foreach_add_``, untimed) and
-  ``engine.inner_step`` is set to 1, so that every sync has a real round to average. One engine per case,
+  Before it the model's weights are moved by a rank-dependent amount (one ``_foreach_add_``, untimed); the
+  engine has H = 1, so every ``engine.step()`` ends a real round and runs its sync. One engine per case,
   all over the same model: average / nesterov / schedule_free with float32 communication, nesterov with
-  ``comm_dtype="bfloat16"``, nesterov with ``state_device="cpu"`` (the model's device here, so this
+  ``outer_comm_dtype="bfloat16"``, nesterov with ``outer_state_device="cpu"`` (the model's device here, so this
   only shows that the offload path costs nothing extra when there is nothing to move), and nesterov with
   ``track_metrics=True`` (when the engine has that option).
 - ``nesterov passes, no comm``: the nesterov engine over a one-rank process group (each rank its own), so
@@ -74,8 +74,8 @@ ENGINE_CASES = {
     "engine average fp32": dict(outer_optimizer="average"),
     TARGET_CASE: dict(outer_optimizer="nesterov"),
     "engine schedule_free fp32": dict(outer_optimizer="schedule_free"),
-    "engine nesterov bf16-comm": dict(outer_optimizer="nesterov", comm_dtype="bfloat16"),
-    "engine nesterov state=cpu": dict(outer_optimizer="nesterov", state_device="cpu"),
+    "engine nesterov bf16-comm": dict(outer_optimizer="nesterov", outer_comm_dtype="bfloat16"),
+    "engine nesterov state=cpu": dict(outer_optimizer="nesterov", outer_state_device="cpu"),
 }
 if "track_metrics" in inspect.signature(RoundEngine).parameters:
     # Per-sync metrics: one more float in the same all-reduce, two dot products and a .item().
@@ -99,7 +99,7 @@ def build(args) -> nn.Module:
     torch.manual_seed(0)  # same initial weights on every rank
     if args.numel:
         return FlatParams(args.numel, args.tensors)
-    from hf_localsgd.models import build_model, build_model_config
+    from hf_localsgd.recipes.models import build_model, build_model_config
 
     return build_model(build_model_config(args.model))
 
@@ -116,7 +116,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=20, help="timed repetitions of every case")
     parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions first")
-    parser.add_argument("--model", default="gpt-neo-8m", help="a name of hf_localsgd.models.MODEL_CONFIGS")
+    parser.add_argument("--model", default="gpt-neo-8m", help="a name of hf_localsgd.recipes.models.MODEL_CONFIGS")
     parser.add_argument("--numel", type=int, default=0, help="synthetic model of this many parameters instead")
     parser.add_argument("--tensors", type=int, default=108, help="parameter tensors of the synthetic model")
     parser.add_argument("--target", type=float, default=1.5, help=f"max ratio of '{TARGET_CASE}' to the raw all-reduce")
@@ -155,25 +155,15 @@ def main() -> int:
 
     engines = {}
     for name, kwargs in ENGINE_CASES.items():
-        engine = RoundEngine(model, sync_every=1_000_000, **kwargs)
+        engine = RoundEngine(model, sync_every=1, **kwargs)  # every step() is a full round and its sync
         engines[name] = engine
-
-        def prepare(engine=engine):
-            perturb(params)
-            engine.inner_step = 1  # one inner step done: sync() runs a full outer step
-
-        cases[name] = (prepare, engine.sync)
+        cases[name] = (lambda: perturb(params), engine.step)
 
     # new_group is collective: every rank creates every one-rank group, and keeps its own.
     own_group = [dist.new_group([r]) for r in range(world)][rank]
-    passes = RoundEngine(model, sync_every=1_000_000, outer_optimizer="nesterov", process_group=own_group)
+    passes = RoundEngine(model, sync_every=1, outer_optimizer="nesterov", process_group=own_group)
     engines[PASSES] = passes
-
-    def prepare_passes():
-        perturb(params)
-        passes.inner_step = 1
-
-    cases[PASSES] = (prepare_passes, passes.sync)
+    cases[PASSES] = (lambda: perturb(params), passes.step)
 
     if not args.no_local_sgd:
         ddp_model = accelerator.prepare(build(args))

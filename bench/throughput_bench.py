@@ -1,6 +1,6 @@
 """Inner-step throughput of ``LocalSGDTrainer`` next to plain ``transformers.Trainer`` (issue part 4).
 
-One process, the same model (GPT-Neo 8M of ``hf_localsgd.models``), the same random token batches, the same
+One process, the same model (GPT-Neo 8M of ``hf_localsgd.recipes.models``), the same random token batches, the same
 seed. Each repetition trains a fresh model for ``--steps`` steps with each trainer, in an order that
 alternates every repetition; a ``TrainerCallback`` stamps ``time.perf_counter()`` at every ``on_step_begin``
 and the timed window is steps ``--skip`` .. ``--steps - 1`` (begin to begin), so the first steps (allocator
@@ -35,7 +35,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from hf_localsgd import LocalSGDConfig, LocalSGDTrainer  # noqa: E402
-from hf_localsgd.models import build_model, build_model_config  # noqa: E402
+from hf_localsgd.recipes.models import build_model, build_model_config  # noqa: E402
 
 
 class StepClock(TrainerCallback):

@@ -43,7 +43,7 @@ def run(argv: list[str]) -> None:
     import torch.distributed as dist
     from transformers import TrainerCallback
 
-    import hf_localsgd.train as train_script
+    import hf_localsgd.recipes.train as train_script
 
     log_path = argv[argv.index("--log") + 1]
     argv = argv[: argv.index("--log")] + argv[argv.index("--log") + 2:]

@@ -1,12 +1,18 @@
-"""Docs cannot drift from the code: README's option table lists every option with its default."""
+"""Docs cannot drift from the code: README's option table, layout table and metric names match the package, and
+the shipped docs stand alone (no pointers to files users do not have)."""
 
+import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+import pytest
+
 from hf_localsgd import LocalSGDArguments
+from hf_localsgd.core.metrics import METRICS, PREFIX
 
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
 
 
 def test_readme_option_table_matches_the_dataclass():
@@ -20,3 +26,39 @@ def test_readme_option_table_matches_the_dataclass():
         if "choices" in f.metadata:
             for choice in f.metadata["choices"]:
                 assert f"`{choice}`" in README, f"README does not mention {f.name}={choice}"
+
+
+def test_readme_layout_table_names_every_module_and_only_existing_ones():
+    """Each row's first cell names paths; a bare file name is in the folder of the path before it."""
+    layout = README[README.index("## Layout"):]
+    named = set()
+    for cell in re.findall(r"^\| (.+?) \|", layout, flags=re.M):
+        folder = ""
+        for path in re.findall(r"`([\w./]+)`", cell):
+            if "/" not in path.rstrip("/"):
+                path = f"{folder}/{path}" if folder else path
+            if not (ROOT / path).exists() and (ROOT / "hf_localsgd" / path).exists():
+                path = f"hf_localsgd/{path}"  # core/engine.py stands for hf_localsgd/core/engine.py
+            assert (ROOT / path).exists(), f"README's layout names {path}, which does not exist"
+            folder = path.rstrip("/") if path.endswith("/") else str(Path(path).parent)
+            named.add(path.rstrip("/"))
+    for module in (ROOT / "hf_localsgd").glob("*/*.py"):
+        relative = module.relative_to(ROOT).as_posix()
+        assert module.name == "__init__.py" or relative in named, f"README's layout table does not name {relative}"
+
+
+def test_readme_monitoring_names_every_metric():
+    monitoring = README[README.index("## Monitoring"):README.index("## Benchmarks")]
+    for name in METRICS:
+        assert f"`{PREFIX}{name}`" in monitoring or f"`{PREFIX}" in monitoring and f"`{name}`" in monitoring, name
+
+
+SHIPPED = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "hf_localsgd").rglob("*.py"),
+           *(ROOT / "recipes").rglob("*"), *(ROOT / "accelerate_configs").rglob("*")]
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.is_file()], ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_docs_stand_alone(path):
+    """Users have neither the project's planning files nor its copies of the papers: cite papers by title."""
+    text = path.read_text(errors="ignore")
+    assert not re.search(r"\.\./shared|SPEC\.md|[Ss]eed 00\d", text), path
