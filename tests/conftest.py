@@ -1,7 +1,8 @@
 """Shared helpers: launching scenarios on several CPU processes, and the environment tests run in.
 
 Tests are laid out like the package (`core/`, `integrations/`, `recipes/`, `tools/`); the multi-process tests
-run the scripts of `scenarios/` under `accelerate launch` (gloo), each with a timeout.
+run the scripts of `scenarios/` on real processes (gloo), each with a timeout: started directly with a
+launcher's environment (`spawn_ranks`), or under `accelerate launch` where the launcher itself is under test.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -75,11 +78,53 @@ def accelerate_launch(script_args: list[str], timeout: float = 240, num_processe
     return run_process_group(cmd, timeout, launch_env(**env), check=check)
 
 
+def spawn_ranks(script_args: list[str], num_processes: int = 2, timeout: float = 240, **env) -> list[str]:
+    """Start ``num_processes`` ranks of ``python SCRIPT ARGS`` directly, with the environment a launcher gives
+    them (RANK, WORLD_SIZE, MASTER_ADDR, ...): real processes and a real gloo group, without the seconds a
+    launcher spends importing torch and accelerate itself. As `accelerate launch` does, the first rank to fail
+    ends the others. Returns each rank's output; fails the test with it on an error or a time-out."""
+    base = launch_env(**env)
+    base.update(WORLD_SIZE=str(num_processes), LOCAL_WORLD_SIZE=str(num_processes), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(free_port()))
+    logs = [tempfile.TemporaryFile("w+") for _ in range(num_processes)]
+    procs = [subprocess.Popen([sys.executable, *script_args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}, start_new_session=True)
+             for rank, log in enumerate(logs)]
+    deadline, failed, timed_out = time.monotonic() + timeout, None, False
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = next((rank for rank, code in enumerate(codes) if code not in (None, 0)), None)
+            if failed is not None or all(code == 0 for code in codes):
+                break
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+            time.sleep(0.05)
+    finally:  # also when the test itself is interrupted (pytest-timeout, Ctrl-C)
+        if failed is not None:
+            time.sleep(0.5)  # a moment for the others to report their side of the error
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    if timed_out or failed is not None:
+        report = "\n".join(f"--- rank {rank} (exit {p.returncode})\n{out[-4000:]}"
+                           for rank, (p, out) in enumerate(zip(procs, outputs)))
+        what = f"timed out after {timeout}s" if timed_out else f"rank {failed} failed"
+        pytest.fail(f"{what}: {' '.join(script_args)}\n{report}")
+    return outputs
+
+
 def run_scenario(name: str, out_dir: Path, *options: str, timeout: float = 240, num_processes: int = 2,
                  **env) -> list[dict]:
-    """Run ``tests/scenarios/{name}.py`` on ``num_processes`` processes; returns the per-rank JSON results."""
-    accelerate_launch([str(SCENARIOS / f"{name}.py"), str(out_dir), *options], timeout=timeout,
-                      num_processes=num_processes, **env)
+    """Run ``tests/scenarios/{name}.py`` on ``num_processes`` ranks; returns the per-rank JSON results."""
+    spawn_ranks([str(SCENARIOS / f"{name}.py"), str(out_dir), *options], num_processes, timeout, **env)
     return [json.loads((out_dir / f"result_rank{rank}.json").read_text()) for rank in range(num_processes)]
 
 

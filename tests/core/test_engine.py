@@ -12,6 +12,7 @@ from toy import flat, local_steps, model
 
 from hf_localsgd import LocalSGDOptions, RoundEngine, RoundHook
 from hf_localsgd.core.flat import unsynchronized_buffers
+from hf_localsgd.core.metrics import METRICS
 
 
 def test_buckets_and_cpu_state_give_identical_results():
@@ -143,6 +144,7 @@ def test_metrics_one_replica_and_no_effect_on_training():
         weights.append(flat(m))
     assert torch.equal(*weights)  # measuring changes nothing
     metrics = engine.last_metrics
+    assert set(metrics) <= set(METRICS)  # every name is defined once, in hf_localsgd.core.metrics
     assert metrics["outer_grad_norm"] == pytest.approx(expected_norm, rel=1e-5)
     assert metrics["drift"] == pytest.approx(0.0, abs=1e-9) and "cosine_similarity" not in metrics
     assert metrics["bytes_sent"] == 0 and metrics["round"] == 1 and metrics["sync_seconds"] > 0

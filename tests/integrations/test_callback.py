@@ -11,6 +11,7 @@ import pytest
 import torch
 from tiny import data, flat, tiny_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from hf_localsgd import LocalSGDArguments, LocalSGDCallback, LocalSGDConfig, LocalSGDTrainer
 
@@ -93,7 +94,8 @@ class PostfixProbe(TrainerCallback):
         self.trainer, self.postfixes = trainer, []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.postfixes.append(self.trainer.local_sgd._progress.training_bar.postfix)
+        progress = next(cb for cb in self.trainer.callback_handler.callbacks if isinstance(cb, ProgressCallback))
+        self.postfixes.append(progress.training_bar.postfix)
 
 
 def test_console_progress_and_summary(tmp_path, capsys):

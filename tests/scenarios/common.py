@@ -17,19 +17,16 @@ import sys
 
 import torch
 import torch.distributed as dist
-from accelerate import PartialState
-from datasets import Dataset
-from transformers import GPTNeoConfig, GPTNeoForCausalLM, set_seed
 
 
 VOCAB, SEQ = 64, 16
 
 
 def main(run) -> None:
-    """Join the process group accelerate launch set up (gloo, CPU only), run the scenario, write this rank's
-    result, and leave together."""
+    """Join the process group the launcher's environment describes (gloo, CPU only), run the scenario, write
+    this rank's result, and leave together. (Trainer and Accelerate find the group already initialized.)"""
     out_dir, *options = sys.argv[1:]
-    PartialState(cpu=True)
+    dist.init_process_group("gloo")
     os.makedirs(out_dir, exist_ok=True)
     result = run(out_dir, *options)
     result["world_size"] = dist.get_world_size()
@@ -40,7 +37,10 @@ def main(run) -> None:
     dist.destroy_process_group()
 
 
-def tiny_model(dropout: float = 0.0) -> GPTNeoForCausalLM:
+def tiny_model(dropout: float = 0.0):
+    """A 2-layer GPT-Neo (transformers is imported here: engine-only scenarios start without it)."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM, set_seed
+
     set_seed(0)
     config = GPTNeoConfig(
         vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=SEQ,
@@ -50,7 +50,9 @@ def tiny_model(dropout: float = 0.0) -> GPTNeoForCausalLM:
     return GPTNeoForCausalLM(config)
 
 
-def dataset(n: int = 256) -> Dataset:
+def dataset(n: int = 256):
+    from datasets import Dataset
+
     # Learnable sequences: each row counts up from a random start, modulo the vocabulary.
     g = torch.Generator().manual_seed(1)
     starts = torch.randint(0, VOCAB, (n, 1), generator=g)
@@ -103,14 +105,16 @@ class LinearRegression(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        set_seed(0)
+        torch.manual_seed(0)
         self.linear = torch.nn.Linear(4, 1)
 
     def forward(self, features, labels):
         return {"loss": (self.linear(features).squeeze(-1) - labels).pow(2).mean()}
 
 
-def regression_data(n: int = 64) -> Dataset:
+def regression_data(n: int = 64):
+    from datasets import Dataset
+
     g = torch.Generator().manual_seed(2)
     x = torch.randn(n, 4, generator=g)
     y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(n, generator=g)
