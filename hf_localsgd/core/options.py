@@ -81,12 +81,12 @@ class LocalSGDOptions:
         OUTER_OPTIMIZERS,
     )
     outer_lr: float | None = _option(
-        None, "Outer learning rate. Default per outer optimizer: average 1.0 (required), nesterov 0.7, "
-              "schedule_free 2.0."
+        None, "Outer learning rate. Default per outer optimizer: "
+              + ", ".join(f"{name} {lr}" for name, (lr, _) in OUTER_DEFAULTS.items()) + " (average: required)."
     )
     outer_momentum: float | None = _option(
-        None, "Outer momentum. Default per outer optimizer: average 0.0 (required), nesterov 0.9, "
-              "schedule_free 0.2 (its b1, in (0, 1))."
+        None, "Outer momentum (schedule_free: its b1, in (0, 1)). Default per outer optimizer: "
+              + ", ".join(f"{name} {m}" for name, (_, m) in OUTER_DEFAULTS.items()) + " (average: required)."
     )
     outer_lr_scheduler: str = _option(
         "constant", "Schedule of the outer learning rate over the rounds. There is no outer warm-up: it was always "
