@@ -135,7 +135,7 @@ DEMO = ROOT / "recipes" / "gptneo-tinystories" / "demo.yaml"
 def demo_run(tmp_path_factory) -> tuple[Path, str]:
     """One real 2-process run of the demo recipe, shortened by command-line overrides that must win over the
     recipe (it says 160 steps, H = 16 after 32 warm-up steps); shared by the tests that read its outputs.
-    Returns the output directory and what the run printed."""
+    Returns the output directory and what the run printed (stdout, then stderr)."""
     out = tmp_path_factory.mktemp("demo") / "diloco"
     proc = accelerate_launch(
         ["-m", "hf_localsgd.train", str(DEMO), "--output_dir", str(out),
@@ -143,4 +143,4 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
          "--eval_steps", "3", "--logging_steps", "1", "--max_eval_samples", "64"],
         timeout=180,
     )
-    return out, proc.stdout
+    return out, proc.stdout + proc.stderr

@@ -7,6 +7,9 @@ initialized `torch.distributed`, or over a group of one, nothing is communicated
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 
@@ -45,3 +48,29 @@ class AllReduce:
         if self.world_size > 1:
             src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
             dist.broadcast(tensor, src=src, group=self.group)
+
+
+MISLAUNCH_FIX = ("On a machine without a GPU, accelerate's multi-GPU launcher does not pass the config's use_cpu on to "
+                 "the processes: pass use_cpu=True to TrainingArguments (--use_cpu true in a recipe), or set "
+                 "ACCELERATE_USE_CPU=true in the launch's environment.")
+
+
+def check_launch() -> None:
+    """Stop a run whose processes do not agree on how many they are, before it trains K copies of one replica.
+
+    The launcher says how many it started (``WORLD_SIZE``); torch.distributed how many joined; and a program
+    that runs under Accelerate (already imported by it: this module never imports it) how many Accelerate
+    shards data and writes files for. A CPU run launched without ``use_cpu`` joins every process in a gloo
+    group while Accelerate sees one, so every rank reads the same data and writes the same files.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    joined = dist.get_world_size() if dist.is_initialized() else 1
+    if launched > 1 and joined != launched:
+        raise RuntimeError(f"The launcher started {launched} processes (WORLD_SIZE), but torch.distributed "
+                           f"{'is not initialized' if joined == 1 else f'joined {joined}'}. " + MISLAUNCH_FIX)
+    state = sys.modules.get("accelerate.state")
+    if state is not None and state.is_initialized():
+        seen = state.AcceleratorState().num_processes
+        if seen != joined:
+            raise RuntimeError(f"torch.distributed joined {joined} processes, but Accelerate sees {seen}: every "
+                               "rank would read the same data and write the same files. " + MISLAUNCH_FIX)

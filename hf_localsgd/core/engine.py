@@ -23,10 +23,12 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .build import build_hooks, build_reducer, build_sync
 from .checkpoint import check_resumable
-from .flat import FlatParams, warn_about_unsynchronized_buffers
+from .collectives import check_launch
+from .flat import FlatParams, keep_buffers_local, warn_about_unsynchronized_buffers
 from .hooks import RoundHook
 from .metrics import outer_gradient_metrics, ring_bytes
 from .options import LocalSGDOptions
@@ -40,8 +42,9 @@ class RoundEngine:
     """Local SGD / DiLoCo / schedule-free outer optimization over the trainable parameters of ``model``.
 
     Args:
-        model: the (unwrapped) module, or an iterable of its parameters; parameters without ``requires_grad``
-            take no part, and buffers stay each replica's own.
+        model: the module, its `DistributedDataParallel` wrapper (whose buffer broadcast on forward passes is then
+            switched off: each replica's buffers are its own), or an iterable of its parameters; parameters
+            without ``requires_grad`` take no part.
         options: a `LocalSGDOptions` (or `LocalSGDConfig`); or give its fields as keyword arguments instead.
         process_group: the group whose replicas are averaged; ``None`` is the default group (no communication
             when ``torch.distributed`` is not initialized).
@@ -95,10 +98,14 @@ class RoundEngine:
         self.options = options = LocalSGDOptions(**option_fields) if options is None else options
         if bucket_size_mb <= 0:
             raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb}")
+        if isinstance(model, DistributedDataParallel):
+            keep_buffers_local(model)
+            model = model.module
         params = model.parameters() if isinstance(model, nn.Module) else model
         self.flat = FlatParams([p for p in params if p.requires_grad], bucket_size_mb * 2**20 / 4)
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.peak_lr = peak_lr(optimizer, lr_scheduler)
+        check_launch()
         self.reducer = build_reducer(options, process_group)
         self.world_size, self.replica_index = self.reducer.world_size, self.reducer.rank
         self.warmup_steps = options.local_sgd_warmup_steps

@@ -120,3 +120,14 @@ def warn_about_unsynchronized_buffers(model: nn.Module) -> None:
             "statistics. Only parameters are averaged: each replica keeps its own buffers, which may drift apart, "
             "and a checkpoint holds rank 0's.", len(drifting), ", ".join(drifting[:3]), ", ..." if len(drifting) > 3 else "",
         )
+
+
+def keep_buffers_local(ddp) -> None:
+    """No buffer broadcast on a `DistributedDataParallel` wrapper's forward passes (each replica's buffers are its
+    own between syncs), with the attribute the installed torch has: `forward_sync_buffers` since torch 2.13, whose
+    constructor keyword `broadcast_buffers` is deprecated, `broadcast_buffers` before. (DDP still broadcasts
+    rank 0's buffers once, when it wraps the model, as it does its parameters.)"""
+    if "forward_sync_buffers" in vars(ddp):
+        ddp.forward_sync_buffers = False
+    else:
+        ddp.broadcast_buffers = False

@@ -58,3 +58,12 @@ def outer_gradient_metrics(mean_sq_norm: float, sq_norm_of_mean: float, world_si
         # the mean pairwise cosine, exact when the replicas' outer gradients have equal norms.
         metrics["cosine_similarity"] = (k * sq_norm_of_mean - mean_sq_norm) / ((k - 1) * mean_sq_norm)
     return metrics
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in the unit that fits (B, kB, MB, GB, TB; powers of 1000), 3 significant digits."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"

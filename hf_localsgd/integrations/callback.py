@@ -22,15 +22,17 @@ import os
 import time
 
 import torch.distributed as dist
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..core.checkpoint import STATE_FILE, resume_rank_state, save_rank_state
+from ..core.collectives import check_launch
 from ..core.engine import RoundEngine
 from ..core.metrics import PREFIX
 from . import console
 from .config import LocalSGDArguments
+from .local_metrics import LocalGathers
 from .parallel import check_supported, find_gradient_sync
 
 
@@ -61,6 +63,7 @@ class LocalSGDCallback(TrainerCallback):
         self.resume_from_checkpoint: str | None = None
         self.training = False
         self._gradient_sync = None
+        self._local_gathers: LocalGathers | None = None
         self._progress: ProgressCallback | None = None
         self._state_written_at: int | None = None
         self._step_seconds: float | None = None  # moving average, for the progress bar's time to the next sync
@@ -72,6 +75,7 @@ class LocalSGDCallback(TrainerCallback):
         callback = cls(config, process_group)
         callback.trainer = trainer
         check_supported(trainer, trainer.args)  # now, rather than after Trainer has prepared the model
+        check_launch()
         options = config if config is not None else trainer.args
         if getattr(options, "data_partition", "iid") != "iid" and not getattr(trainer, "local_sgd_partitions_data", False):
             raise ValueError(
@@ -103,6 +107,8 @@ class LocalSGDCallback(TrainerCallback):
         self._warn_if_pushed_checkpoints_lack_state(args)
         self._gradient_sync = find_gradient_sync(self.trainer, model, self._world_size)
         self._check_per_step_communication(args, config)
+        if self._gradient_sync is not None and hasattr(self.trainer, "accelerator"):
+            self._local_gathers = LocalGathers(self.trainer.accelerator, self._world_size)
         self._train_started = time.perf_counter()
         self._state_written_at = None  # (a second train() call writes its checkpoints' state again)
         self.training = True
@@ -171,6 +177,8 @@ class LocalSGDCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()
         self.engine.begin_step()
+        if self._local_gathers is not None and not self.engine.syncs_gradients:
+            self._local_gathers.activate()  # until the step ends: Trainer's logging and evaluation gather for real
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.engine.before_optimizer_step()
@@ -179,6 +187,8 @@ class LocalSGDCallback(TrainerCallback):
         self.engine.after_optimizer_step()  # before Trainer's scheduler step, which reads the lrs
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if self._local_gathers is not None:
+            self._local_gathers.deactivate()
         synced = self.engine.step()
         if self.engine.should_stop:  # lr scaling: the base-case budget, in scale-invariant steps, is spent
             control.should_training_stop = True
@@ -200,14 +210,17 @@ class LocalSGDCallback(TrainerCallback):
         self._step_seconds = seconds if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * seconds
         bar = getattr(self._progress, "training_bar", None)
         if bar is not None and state.is_world_process_zero:
-            bar.set_postfix_str(console.progress_postfix(self.engine, self._step_seconds), refresh=False)
+            finished = state.global_step >= state.max_steps or self.engine.should_stop
+            bar.set_postfix_str(console.progress_postfix(self.engine, self._step_seconds, finished), refresh=False)
 
     def _log_round(self) -> None:
         """One log entry per outer sync, through Trainer.log, so every `report_to` integration gets it."""
         if self.engine.last_metrics and self.trainer is not None:
             # Trainer.log's on_log clears control.should_log, which would drop this step's training loss.
             should_log = self.trainer.control.should_log
-            self.trainer.log({PREFIX + key: value for key, value in self.engine.last_metrics.items()})
+            # Trainer's own log, not a subclass's: TRL's adds (and resets) its per-step metrics to whatever entry
+            # is logged, which would move them from Trainer's logging steps to the syncs.
+            Trainer.log(self.trainer, {PREFIX + key: value for key, value in self.engine.last_metrics.items()})
             self.trainer.control.should_log = should_log
 
     def on_save(self, args, state, control, optimizer=None, **kwargs):
@@ -218,6 +231,8 @@ class LocalSGDCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.training = False
+        if self._local_gathers is not None:
+            self._local_gathers.deactivate()
         if args.load_best_model_at_end and state.best_model_checkpoint is not None:
             # Trainer has loaded the best checkpoint's global model over whatever the model held.
             logger.info("Local SGD: keeping the best checkpoint's global model loaded by Trainer")

@@ -47,16 +47,11 @@ class LocalSGDArguments(LocalSGDOptions):
 class LocalSGDConfig(LocalSGDArguments, TrainingArguments):
     """`transformers.TrainingArguments` plus the local-SGD options, for `LocalSGDTrainer`.
 
-    Defaults differ from `TrainingArguments` where the Trainer would communicate on every inner step:
-    `ddp_broadcast_buffers` is `False` (DDP would broadcast buffers on every forward pass), and
-    `average_tokens_across_devices` is `False` (it all-gathers token counts on every step).
+    One default differs from `TrainingArguments`, where the Trainer would communicate on every inner step:
+    `average_tokens_across_devices` is `False` (it all-gathers token counts on every step). (DDP's buffer
+    broadcast on forward passes is switched off on the DDP wrapper itself, `integrations/parallel.py`.)
     """
 
-    ddp_broadcast_buffers: bool | None = field(
-        default=False,
-        metadata={"help": "Broadcast module buffers from rank 0 on every forward pass. Off for local SGD: a "
-                          "collective in every inner step, and each replica's buffers are its own."},
-    )
     average_tokens_across_devices: bool = field(
         default=False,
         metadata={

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch.nn.parallel import DistributedDataParallel
 
+from ..core.flat import keep_buffers_local
+
 
 # Setups in which something other than one full replica per rank under DDP holds the parameters.
 UNSUPPORTED = ("DEEPSPEED", "FSDP", "XLA", "MEGATRON_LM")
@@ -37,7 +39,7 @@ class DDPGradientSync:
 
     def __init__(self, ddp: DistributedDataParallel):
         self.ddp = ddp
-        ddp.broadcast_buffers = False
+        keep_buffers_local(ddp)
 
     def set(self, enabled: bool) -> None:
         self.ddp.require_backward_grad_sync = enabled

@@ -17,6 +17,7 @@ and writes them to `eval_results.json` and the model card.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -66,6 +67,15 @@ class ScriptArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ScriptArguments, LocalSGDConfig)
+# A usage line of its own: argparse's would list every one of the ~140 flags, above every error message.
+USAGE = "python -m hf_localsgd.train [RECIPE.yaml] [--KEY VALUE ...]      (or: hf-localsgd train ...)"
+DESCRIPTION = """Train a causal language model from scratch from a recipe.
+
+RECIPE.yaml (optional, first) is a mapping of `key: value` lines; its keys are the options below. Flags given
+after it override its keys. An unknown key or a wrong type stops the run with an error naming the key."""
+EXAMPLE = """example, 2 CPU processes, offline, about a minute:
+  accelerate launch --config_file accelerate_configs/cpu_2proc.yaml \\
+      -m hf_localsgd.train recipes/gptneo-tinystories/demo.yaml --max_steps 40 --sync_every 4"""
 
 
 def recipe_flags(parser: HfArgumentParser, path: str) -> list[str]:
@@ -106,7 +116,10 @@ def recipe_flags(parser: HfArgumentParser, path: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, ScriptArguments, LocalSGDConfig]:
     """`[RECIPE.yaml] [--key value ...]` -> the four argument dataclasses (command line over recipe)."""
-    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="hf_localsgd.train")
+    parser = HfArgumentParser(
+        ARGUMENT_CLASSES, prog="hf_localsgd.train", usage=USAGE, description=DESCRIPTION, epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv = recipe_flags(parser, argv[0]) + argv[1:]
@@ -115,7 +128,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     except ValueError as err:  # a dataclass's own validation; its message starts with the key
         parser.error(str(err))
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        flags = [f"--{f.name}" for dtype in parser.dataclass_types for f in dataclasses.fields(dtype) if f.init]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], flags, n=1) if unknown[0].startswith("--") else []
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else ""))
     return tuple(parsed)
 
 

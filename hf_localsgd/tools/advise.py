@@ -31,6 +31,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..core.metrics import format_bytes
+
 
 DEFAULT_SYNC_EVERY = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -103,7 +105,7 @@ def format_table(result: dict, configured_sync_every: int | None = None, context
     """The table printed by `main`; `configured_sync_every` marks the recipe's H."""
     lines = [
         f"t_step = {_seconds(result['t_step_s'])} (one optimizer step, no communication)",
-        f"t_comm = {_seconds(result['t_comm_s'])} (one all-reduce of {_bytes(result['comm_bytes'])}{context})",
+        f"t_comm = {_seconds(result['t_comm_s'])} (one all-reduce of {format_bytes(result['comm_bytes'])}{context})",
         f"m = t_comm / t_step = {result['m']:.4g}",
         "",
         f"{'H':>5}  {'time/step':>10}  {'vs H=1':>7}  {'overhead m/H':>12}  {'sent/step':>10}  {'comm saved':>10}",
@@ -112,7 +114,7 @@ def format_table(result: dict, configured_sync_every: int | None = None, context
         mark = "  <- recipe" if row["sync_every"] == configured_sync_every else ""
         lines.append(
             f"{row['sync_every']:>5}  {_seconds(row['seconds_per_step']):>10}  {row['speedup_vs_every_step']:>6.2f}x  "
-            f"{row['overhead']:>12.1%}  {_bytes(row['bytes_per_step']):>10}  {row['communication_saved']:>10.1%}{mark}"
+            f"{row['overhead']:>12.1%}  {format_bytes(row['bytes_per_step']):>10}  {row['communication_saved']:>10.1%}{mark}"
         )
     lines += [
         "",
@@ -128,11 +130,6 @@ def _seconds(s: float) -> str:
     return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
 
 
-def _bytes(b: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if b < 1000 or unit == "GB":
-            return f"{b:.3g} {unit}"
-        b /= 1000
 
 
 # ---------------------------------------------------------------------- measurements (collective)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from hf_localsgd.core.schedules import count_rounds, sync_every_schedule
 

@@ -43,7 +43,7 @@ def test_resuming_from_a_checkpoint_without_every_rank_state_stops_every_rank(tm
 
 
 def test_engine_in_a_plain_accelerate_loop(tmp_path):
-    """The README example: 10 steps with H = 4, then the final partial round."""
+    """examples/accelerate_loop.py (README, section 3): 10 steps with H = 4, then the final partial round."""
     r0, r1 = run_scenario("accelerate_loop", tmp_path, "plain")
     assert r0["num_syncs"] == 3 and r0["engine_all_reduce"] == 3 and r0["ddp_hook_calls"] == 0
     assert r0["hash"] == r1["hash"]

@@ -78,3 +78,13 @@ def test_engine_outer_steps_match_float64_references(tmp_path):
             assert worst["x"] < tolerance, (case, worst)
             assert worst["drift"] < tolerance and worst["outer_grad_norm"] < tolerance, (case, worst)
     assert r0["buffer_warnings"] == 12 and r1["buffer_warnings"] == 0  # BatchNorm statistics, rank 0 only
+
+
+@pytest.mark.parametrize("path", ["trainer", "loop"])
+def test_a_cpu_run_launched_without_use_cpu_stops_with_the_way_out(tmp_path, path):
+    """accelerate's multi-GPU launcher does not pass the config's use_cpu: Accelerate then sees one process
+    where torch.distributed has two, and every rank would train the same data as rank 0."""
+    r0, r1 = run_scenario("mislaunch", tmp_path, path, ACCELERATE_USE_CPU="false")
+    for r in (r0, r1):
+        assert "torch.distributed joined 2 processes, but Accelerate sees 1" in r["error"]
+        assert "use_cpu=True" in r["error"] and "ACCELERATE_USE_CPU=true" in r["error"]

@@ -109,8 +109,10 @@ def test_console_progress_and_summary(tmp_path, capsys):
     assert probe.postfixes[1].startswith("round 1, sync in 4 steps (")  # the warm-up is over
     assert probe.postfixes[2].startswith("round 1, sync in 3 steps (")
     assert probe.postfixes[5].startswith("round 2, sync in 4 steps (")  # right after the sync at step 6
+    assert probe.postfixes[-1] == "2 syncs done"  # after the last sync, not "round 3, sync in 4 steps"
     out = capsys.readouterr().out
     assert "Local SGD: 2 outer syncs over 8 steps (1 replicas, nesterov, H=4)" in out
+    assert "sent per rank: 0 B" in out  # units that fit (one process sends nothing)
     assert "time in outer syncs:" in out and "last evaluation (step 8): loss" in out
 
 

@@ -234,3 +234,22 @@ def test_the_mixin_gives_another_trainer_the_label_partition(tmp_path):
     assert isinstance(trainer._get_train_sampler(), LabelShardSampler)
     trainer.train()
     assert trainer.local_sgd.engine.num_syncs == 3
+
+
+def test_tensorboard_receives_the_sync_metrics(tmp_path):
+    """report_to=["tensorboard"]: the event file holds every local_sgd/* scalar of each sync."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hf_localsgd.core.metrics import PREFIX
+
+    args = config(tmp_path, outer_optimizer="nesterov", report_to=["tensorboard"], logging_steps=4)
+    trainer = LocalSGDTrainer(model=tiny_model(), args=args, train_dataset=data())
+    trainer.train()
+    (run,) = (tmp_path / "runs").iterdir()  # Trainer's default: output_dir/runs/<date and host>
+    events = EventAccumulator(str(run)).Reload()
+    logged = {tag for tag in events.Tags()["scalars"] if tag.startswith("train/" + PREFIX)}
+    synced = {key for entry in trainer.state.log_history for key in entry if key.startswith(PREFIX)}
+    assert len(synced) >= 9 and logged == {"train/" + key for key in synced}
+    rounds = [event.value for event in events.Scalars(f"train/{PREFIX}round")]
+    assert rounds == [1.0, 2.0, 3.0]  # syncs at steps 4, 8 and the final partial round at 10

@@ -120,3 +120,24 @@ def test_a_list_for_a_single_value_is_an_error_naming_the_key(tmp_path, capsys):
     assert "sync_every takes one value, got a list" in capsys.readouterr().err
     _, _, _, args = parse_args([write(tmp_path, "output_dir: out\nlabel_names: [labels, more]\n")])  # a list field
     assert args.label_names == ["labels", "more"]
+
+
+def test_help_shows_the_recipe_argument_and_an_example(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert out.startswith("usage: python -m hf_localsgd.train [RECIPE.yaml] [--KEY VALUE ...]")
+    assert "RECIPE.yaml (optional, first)" in out and "recipes/gptneo-tinystories/demo.yaml" in out
+    assert "--sync_every" in out
+
+
+@pytest.mark.parametrize("argv, message", [(["--sync_evry", "3"], "(did you mean --sync_every?)"),
+                                           (["{recipe}"], "unknown key 'learnig_rate' (did you mean 'learning_rate'?)")])
+def test_a_bad_key_or_flag_prints_the_usage_line_and_the_error_only(tmp_path, capsys, argv, message):
+    argv = [a.format(recipe=write(tmp_path, "output_dir: out\nlearnig_rate: 1.0e-3\n")) for a in argv]
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("usage: python -m hf_localsgd.train [RECIPE.yaml]")
+    assert err[1].startswith("hf_localsgd.train: error: ") and err[1].endswith(message)

@@ -22,6 +22,7 @@ def test_demo_recipe_on_two_processes_with_overrides(demo_run):
     results = json.loads((out / "eval_results.json").read_text())
     assert results["eval_perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-3)
     assert "eval_perplexity" in stdout
+    assert "FutureWarning" not in stdout  # e.g. DDP's deprecated broadcast_buffers keyword
 
     card = (out / "README.md").read_text()
     assert "| sync_every (H) | 3 |" in card and "| local_sgd_warmup_steps | 2 |" in card

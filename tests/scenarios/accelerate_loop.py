@@ -1,46 +1,27 @@
-"""The README's plain Accelerate loop on 2 processes: no Trainer, the engine alone. 10 steps with H = 4, then the
-final partial round; with the option `resume`, the same loop stopped after step 6 (mid-round), saved with the
-per-rank checkpoint helpers, and continued by fresh objects in the same processes."""
+"""examples/accelerate_loop.py (README, section 3) on 2 processes: no Trainer, the engine alone. 10 steps with H = 4,
+then the final partial round; with the option `resume`, the same loop stopped after step 6 (mid-round), saved with
+the per-rank checkpoint helpers, and continued by fresh objects in the same processes."""
 
 from __future__ import annotations
 
-import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
-from common import count_collectives, dataset, digest, flat_params, main, tiny_model
+import sys
+from pathlib import Path
+
+from common import count_collectives, digest, flat_params, main
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from hf_localsgd import RoundEngine, resume_rank_state, save_rank_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from accelerate_loop import build, train  # noqa: E402
+
+from hf_localsgd import resume_rank_state, save_rank_state  # noqa: E402
 
 
-STEPS, SAVE_AT = 10, 6
-
-
-def build():
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
-    model = tiny_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    loader = torch.utils.data.DataLoader(dataset().remove_columns("start").with_format("torch"), batch_size=4)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    engine = RoundEngine(accelerator.unwrap_model(model), sync_every=4, outer_optimizer="nesterov")
-    return accelerator, model, optimizer, loader, engine
-
-
-def train(accelerator, model, optimizer, batches, engine, steps: int) -> list[float]:
-    losses = []
-    for _, batch in zip(range(steps), batches):
-        with accelerator.no_sync(model):  # inner steps: no gradient all-reduce
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        engine.step()  # every 4th step: one all-reduce of the outer gradient and an outer step
-        losses.append(loss.item())
-    return losses
+STEPS, SAVE_AT, H = 10, 6, 4
 
 
 def run(out_dir: str, mode: str = "plain") -> dict:
-    accelerator, model, optimizer, loader, engine = build()
+    accelerator, model, optimizer, loader, engine = build(sync_every=H)
     hook_calls = []
     model.register_comm_hook(None, lambda pg, bucket: hook_calls.append(1) or default_hooks.allreduce_hook(pg, bucket))
     counts = count_collectives()
@@ -54,12 +35,13 @@ def run(out_dir: str, mode: str = "plain") -> dict:
     train(accelerator, model, optimizer, iter(loader), engine, STEPS)
     engine.finish()
     full = digest(flat_params(model))
-    accelerator, model, optimizer, loader, engine = build()
+    accelerator, model, optimizer, loader, engine = build(sync_every=H)
     train(accelerator, model, optimizer, iter(loader), engine, SAVE_AT)
     checkpoint = f"{out_dir}/checkpoint-{SAVE_AT}"
     save_rank_state(checkpoint, engine, optimizer)
     accelerator.wait_for_everyone()
-    accelerator, model, optimizer, loader, engine = build()  # fresh weights, optimizer and engine
+    # other weights, a fresh optimizer and engine: everything must come from the checkpoint
+    accelerator, model, optimizer, loader, engine = build(seed=1, sync_every=H)
     resumed_from = resume_rank_state([checkpoint], engine, optimizer)
     position = (engine.num_steps, engine.inner_step, engine.num_syncs)
     train(accelerator, model, optimizer, iter(accelerator.skip_first_batches(loader, SAVE_AT)), engine,

@@ -77,6 +77,9 @@ class Recorder(TrainerCallback):
             return default_hooks.allreduce_hook(process_group, bucket)
 
         self.trainer.model_wrapped.register_comm_hook(None, counting_allreduce)
+        # A buffer that differs per rank, set once DDP has wrapped the model (which broadcasts rank 0's buffers
+        # then, as it does its parameters): a broadcast on a forward pass would overwrite rank 1's with rank 0's.
+        self.trainer.model.rank_marker.fill_(float(dist.get_rank()))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         engine = self.trainer.local_sgd.engine
@@ -89,10 +92,8 @@ class Recorder(TrainerCallback):
 
 
 def run(out_dir: str) -> dict:
-    rank = dist.get_rank()
     model = tiny_model()
-    # A buffer that differs per rank: DDP's buffer broadcast on forward would overwrite rank 1's with rank 0's.
-    model.register_buffer("rank_marker", torch.full((4,), float(rank)), persistent=False)
+    model.register_buffer("rank_marker", torch.zeros(4), persistent=False)  # made rank-specific by the Recorder
     args = LocalSGDConfig(
         # Trainer gathers the loss at each logging step: log every other step, to see the steps in between.
         **common_args(out_dir, max_steps=14, gradient_accumulation_steps=2, logging_steps=2),
