@@ -128,6 +128,16 @@ def run_scenario(name: str, out_dir: Path, *options: str, timeout: float = 240, 
     return [json.loads((out_dir / f"result_rank{rank}.json").read_text()) for rank in range(num_processes)]
 
 
+def run_scenarios(out_dir: Path, specs: list[str], timeout: float = 480, num_processes: int = 2,
+                  **env) -> dict[str, list[dict]]:
+    """Run several scenarios (``NAME[:OPTION,...]``) one after another in the same ``num_processes`` ranks
+    (`scenarios/batch.py`); returns each one's per-rank JSON results, by its spec."""
+    spawn_ranks([str(SCENARIOS / "batch.py"), str(out_dir), *specs], num_processes, timeout, **env)
+    folder = lambda spec: spec.replace(":", "-").replace(",", "-")  # noqa: E731 (as batch.py names them)
+    return {spec: [json.loads((out_dir / folder(spec) / f"result_rank{rank}.json").read_text())
+                   for rank in range(num_processes)] for spec in specs}
+
+
 DEMO = ROOT / "recipes" / "gptneo-tinystories" / "demo.yaml"
 
 
@@ -144,3 +154,10 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
         timeout=180,
     )
     return out, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def core_runs(tmp_path_factory) -> dict[str, list[dict]]:
+    """The core's multi-process scenarios (PALSGD, lr scaling, the label partition), in one launch of two ranks,
+    for tests/core/test_palsgd.py, test_adascale.py and test_partition.py."""
+    return run_scenarios(tmp_path_factory.mktemp("core"), ["palsgd", "adascale", "partition"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_scenario
 from hf_localsgd.core.adascale import GainRatio, gain_ratio, gradient_statistics
 
 
@@ -34,8 +33,8 @@ def test_gradient_statistics_by_hand():
     assert (smoothed.sigma2, smoothed.G) == pytest.approx((4.5, G + 1.0))
 
 
-def test_local_adascale_on_two_processes(tmp_path):
-    r0, r1 = run_scenario("adascale", tmp_path)
+def test_local_adascale_on_two_processes(core_runs):
+    r0, r1 = core_runs["adascale"]
     logs, stats = r0["round_logs"], r0["stats"]
     ratios = [[log["local_sgd/gain_ratio"] for log in r["round_logs"]] for r in (r0, r1)]
     assert ratios[0] == ratios[1]  # every rank computed the same ρ

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_scenario
 from hf_localsgd.core.palsgd import pseudo_sync_seed
 
 
@@ -44,8 +43,8 @@ def simulate(batches: list[list[dict]], draws: list[list[bool]], x0: torch.Tenso
     return history
 
 
-def test_palsgd_matches_algorithm_1(tmp_path):
-    ranks = run_scenario("palsgd", tmp_path)
+def test_palsgd_matches_algorithm_1(core_runs):
+    ranks = core_runs["palsgd"]
     draws = [[step["pseudo_sync"] for step in r["steps"]] for r in ranks]
 
     # The draws: reproducible from the seed (each rank's generator), different across ranks, and some of each.

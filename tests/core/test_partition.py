@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_scenario
 from hf_localsgd.core.partition import LabelShardSampler
 
 
@@ -29,8 +28,8 @@ def test_each_rank_gets_one_contiguous_band_of_labels():
         LabelShardSampler([0, 1, 2], num_replicas=2, batch_size=2)
 
 
-def test_by_label_on_two_processes(tmp_path):
-    r0, r1 = run_scenario("partition", tmp_path)
+def test_by_label_on_two_processes(core_runs):
+    r0, r1 = core_runs["partition"]
     assert r0["steps"] == r1["steps"] > 0
     # 64 examples over 4 classes: rank 0 sees the lower half of the sorted labels, rank 1 the upper half.
     assert max(r0["classes_seen"]) <= min(r1["classes_seen"])

@@ -4,13 +4,20 @@ Accelerate loop), and a checkpoint that not every rank can resume from stops eve
 from __future__ import annotations
 
 import pytest
-from conftest import run_scenario
+from conftest import run_scenario, run_scenarios
 
 
-def test_resume_mid_round_is_bit_exact(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The module's default scenarios, in one launch of two ranks."""
+    return run_scenarios(tmp_path_factory.mktemp("resume"), ["resume:schedule_free,0.1", "resume_without_every_rank",
+                                                             "loop_example:plain", "loop_example:resume"])
+
+
+def test_resume_mid_round_is_bit_exact(runs):
     """Schedule-free outer optimizer, PALSGD draws (p = 0.1: after the checkpoint each rank takes pseudo-syncs and
     gradient steps), dropout on; resumed from step 9 of rounds of 4."""
-    r0, r1 = run_scenario("resume", tmp_path, "schedule_free", "0.1")
+    r0, r1 = runs["resume:schedule_free,0.1"]
     for r in (r0, r1):
         assert r["resumed"] == r["full"]
         # Each rank restored its own inner-optimizer state (rank 1's is not in Trainer's optimizer.pt) and used
@@ -37,22 +44,22 @@ def test_resume_is_bit_exact_with_other_options(tmp_path, options):
         assert r["resumed"] == r["full"]
 
 
-def test_resuming_from_a_checkpoint_without_every_rank_state_stops_every_rank(tmp_path):
-    r0, r1 = run_scenario("resume_without_every_rank", tmp_path)
+def test_resuming_from_a_checkpoint_without_every_rank_state_stops_every_rank(runs):
+    r0, r1 = runs["resume_without_every_rank"]
     assert r0["error"] == r1["error"] and r0["error"].startswith("1 of 2 ranks found their local_sgd_rank*.pt")
 
 
-def test_engine_in_a_plain_accelerate_loop(tmp_path):
+def test_engine_in_a_plain_accelerate_loop(runs):
     """examples/accelerate_loop.py (README, section 3): 10 steps with H = 4, then the final partial round."""
-    r0, r1 = run_scenario("accelerate_loop", tmp_path, "plain")
+    r0, r1 = runs["loop_example:plain"]
     assert r0["num_syncs"] == 3 and r0["engine_all_reduce"] == 3 and r0["ddp_hook_calls"] == 0
     assert r0["hash"] == r1["hash"]
     assert r0["losses"] != r1["losses"]  # each rank trained on its own shard
 
 
-def test_a_plain_accelerate_loop_resumes_bit_exactly_with_the_checkpoint_helpers(tmp_path):
+def test_a_plain_accelerate_loop_resumes_bit_exactly_with_the_checkpoint_helpers(runs):
     """save_rank_state after step 6 (mid-round, H = 4), fresh model, optimizer and engine, resume_rank_state."""
-    r0, r1 = run_scenario("accelerate_loop", tmp_path, "resume")
+    r0, r1 = runs["loop_example:resume"]
     for rank, r in enumerate((r0, r1)):
         assert r["resumed_from"].endswith(f"checkpoint-6/local_sgd_rank{rank}.pt")
         assert r["position"] == [6, 2, 1]

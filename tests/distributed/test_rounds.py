@@ -4,12 +4,24 @@ float64 references (LocalSGDTrainer, and the engine alone)."""
 from __future__ import annotations
 
 import pytest
-from conftest import run_scenario
+from conftest import run_scenarios
 
 
-def test_rounds_communicate_only_at_syncs(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The module's scenarios, in one launch of two ranks."""
+    return run_scenarios(tmp_path_factory.mktemp("rounds"), ["rounds", "ddp_equivalence", "outer_reference"])
+
+
+@pytest.fixture(scope="module")
+def mislaunched(tmp_path_factory):
+    return run_scenarios(tmp_path_factory.mktemp("mislaunch"), ["mislaunch:trainer", "mislaunch:loop"],
+                         ACCELERATE_USE_CPU="false")
+
+
+def test_rounds_communicate_only_at_syncs(runs):
     """H = 4 after 2 warm-up steps, 14 steps, 2 micro-batches per step, Nesterov outer optimizer."""
-    r0, r1 = run_scenario("rounds", tmp_path)
+    r0, r1 = runs["rounds"]
     steps = range(1, 15)
     sync_steps = {6, 10, 14}
 
@@ -59,17 +71,17 @@ def test_rounds_communicate_only_at_syncs(tmp_path):
     assert r0["last_losses"][-1] < 0.9 * r0["first_losses"][0]  # loss logged at steps 2 and 14
 
 
-def test_h1_average_equals_ddp(tmp_path):
+def test_h1_average_equals_ddp(runs):
     """H = 1, outer `average`, inner plain SGD (no momentum, no clipping) is data-parallel SGD."""
-    r0, _ = run_scenario("ddp_equivalence", tmp_path)
+    r0, _ = runs["ddp_equivalence"]
     assert r0["max_abs_change"] > 1e-2  # training moved the weights...
     assert r0["max_abs_diff"] < 1e-5  # ...identically, to float tolerance
 
 
-def test_engine_outer_steps_match_float64_references(tmp_path):
+def test_engine_outer_steps_match_float64_references(runs):
     """The all-reduce sums the outer gradients (float32, or written once in bfloat16) and the outer step
     divides by K: every optimizer must follow its float64 reference on the mean outer gradient."""
-    r0, r1 = run_scenario("outer_reference", tmp_path)
+    r0, r1 = runs["outer_reference"]
     assert len(r0["errors"]) == 12 and {k.split(" buckets=")[1] for k in r0["errors"]} == {"1", "4"}
     for result in (r0, r1):
         for case, worst in result["errors"].items():
@@ -81,10 +93,10 @@ def test_engine_outer_steps_match_float64_references(tmp_path):
 
 
 @pytest.mark.parametrize("path", ["trainer", "loop"])
-def test_a_cpu_run_launched_without_use_cpu_stops_with_the_way_out(tmp_path, path):
+def test_a_cpu_run_launched_without_use_cpu_stops_with_the_way_out(mislaunched, path):
     """accelerate's multi-GPU launcher does not pass the config's use_cpu: Accelerate then sees one process
     where torch.distributed has two, and every rank would train the same data as rank 0."""
-    r0, r1 = run_scenario("mislaunch", tmp_path, path, ACCELERATE_USE_CPU="false")
+    r0, r1 = mislaunched[f"mislaunch:{path}"]
     for r in (r0, r1):
         assert "torch.distributed joined 2 processes, but Accelerate sees 1" in r["error"]
         assert "use_cpu=True" in r["error"] and "ACCELERATE_USE_CPU=true" in r["error"]

@@ -4,18 +4,23 @@ PEFT LoRA averaging its adapters alone (the plain Accelerate loop is tests/distr
 from __future__ import annotations
 
 import pytest
-from conftest import run_scenario
+from conftest import run_scenarios
 
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
 
-def test_trl_sft_trainer_communicates_only_at_syncs_and_logging_steps(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return run_scenarios(tmp_path_factory.mktemp("examples"), ["trl_example", "peft_example"])
+
+
+def test_trl_sft_trainer_communicates_only_at_syncs_and_logging_steps(runs):
     """16 steps, H = 4, logging every 8th step. TRL gathers four metrics per micro-batch: during local rounds
     they are answered from each rank's own batches, so a step that neither syncs nor follows a logging step
     makes no collective at all."""
-    r0, r1 = run_scenario("trl_sft", tmp_path)
+    r0, r1 = runs["trl_example"]
     totals = dict(zip(range(1, 17), r0["totals"]))  # collectives up to the end of step s (before it logs)
     quiet = [s for s in range(2, 17) if s % 4 and (s - 1) % 8]
     assert quiet == [2, 3, 5, 6, 7, 10, 11, 13, 14, 15]
@@ -32,8 +37,8 @@ def test_trl_sft_trainer_communicates_only_at_syncs_and_logging_steps(tmp_path):
     assert tokens[1] == pytest.approx(2 * tokens[0], rel=0.2)  # about as many tokens in steps 9-16 as in 1-8
 
 
-def test_peft_lora_averages_only_the_adapters(tmp_path):
-    r0, r1 = run_scenario("peft_lora", tmp_path)
+def test_peft_lora_averages_only_the_adapters(runs):
+    r0, r1 = runs["peft_example"]
     for r in (r0, r1):
         assert r["engine_numel"] == r["adapter_numel"] == r["trainable_numel"] > 0
         assert r["bytes_sent_per_sync"] == (r["adapter_numel"] + 1) * 4  # 2 ranks: one ring pass of the payload
