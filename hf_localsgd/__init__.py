@@ -13,7 +13,7 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 # public name: the module that defines it
 _EXPORTS = {

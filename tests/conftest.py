@@ -34,6 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def launch_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    # The checkout's package, not whatever hf_localsgd is installed (a script's own folder comes first on its path).
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     # The multi_gpu launcher does not export the config's `use_cpu`; without a GPU, Accelerate then sees
     # no distributed setup unless told (TrainingArguments(use_cpu=True) also tells it).
     env["ACCELERATE_USE_CPU"] = "true"

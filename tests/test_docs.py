@@ -53,12 +53,14 @@ def test_readme_monitoring_names_every_metric():
         assert f"`{PREFIX}{name}`" in monitoring or f"`{PREFIX}" in monitoring and f"`{name}`" in monitoring, name
 
 
-SHIPPED = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "hf_localsgd").rglob("*.py"),
-           *(ROOT / "recipes").rglob("*"), *(ROOT / "accelerate_configs").rglob("*")]
+SHIPPED = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *(ROOT / "docs").rglob("*.md"),
+           *(ROOT / "hf_localsgd").rglob("*.py"), *(ROOT / "recipes").rglob("*"), *(ROOT / "accelerate_configs").rglob("*"),
+           *(ROOT / "examples").rglob("*.py"), *(ROOT / "bench").rglob("*")]
 
 
 @pytest.mark.parametrize("path", [p for p in SHIPPED if p.is_file()], ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_docs_stand_alone(path):
-    """Users have neither the project's planning files nor its copies of the papers: cite papers by title."""
+    """Users have neither the project's planning files nor its copies of the papers: cite papers by title.
+    (The benchmarks' simulated slow link, ../shared/tools/wan, is test infrastructure they name on purpose.)"""
     text = path.read_text(errors="ignore")
-    assert not re.search(r"\.\./shared|SPEC\.md|[Ss]eed 00\d", text), path
+    assert not re.search(r"\.\./shared(?!/tools/wan)|SPEC\.md|[Ss]eed 00\d", text), path

@@ -62,8 +62,9 @@ def test_core_imports_torch_alone():
 def test_each_room_imports_only_the_rooms_below_it(module):
     room = module.split(".")[1]
     for imported in imports_of(MODULES[module]):
-        other = imported.split(".")[1] if imported.count(".") >= 1 else None
-        assert other is None or other in LAYERS[room], f"{module} imports {imported}"
+        # `from .. import X` (the top-level package, whose names load any room lazily) is no way around it
+        other = imported.split(".")[1] if imported.count(".") >= 1 else "the top-level package"
+        assert other in LAYERS[room], f"{module} imports {imported}"
 
 
 def test_no_import_cycles():

@@ -71,6 +71,7 @@ class GainRatioScaling(RoundHook):
 
     name = "lr_scaling"
     option = "lr_scaling"
+    sets_inner_lr = True
 
     def __init__(self, c: float, ema: float, budget: int | None):
         self.c, self.ema, self.budget = c, ema, budget
@@ -78,6 +79,9 @@ class GainRatioScaling(RoundHook):
 
     def attach(self, engine) -> None:
         super().attach(engine)
+        if engine.optimizer is None:
+            raise ValueError("lr_scaling: sets the inner lr of each step: give the engine the inner optimizer and its "
+                             "schedule (RoundEngine(..., optimizer=optimizer, lr_scheduler=scheduler))")
         if not hasattr(engine.lr_scheduler, "lr_lambdas"):
             raise ValueError(
                 "lr_scaling: reads the lr schedule at the scale-invariant step, which needs a LambdaLR schedule "

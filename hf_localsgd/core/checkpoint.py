@@ -38,29 +38,42 @@ def global_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def check_resumable(state: dict, engine: RoundEngine) -> None:
-    """Refuse an engine state that this run cannot continue exactly, with what differs."""
+def check_resumable(state: dict, engine: RoundEngine) -> dict[str, dict]:
+    """Refuse an engine state that this run cannot continue exactly, saying what differs and what to do; returns
+    the saved state of each of this run's hooks (none for a hook switched on since)."""
+    again = "resume with the settings the checkpoint was written with, or delete its local_sgd_rank*.pt files to " \
+            "start new rounds from its model"
     if state["world_size"] != engine.world_size:
         raise ValueError(
             f"Checkpoint was written by {state['world_size']} replicas, this run has {engine.world_size}: each "
             "replica resumes its own weights and inner-optimizer state, so resume with as many processes"
         )
     if state["outer_optimizer_name"] != engine.options.outer_optimizer:
-        raise ValueError(f"Checkpoint was trained with outer_optimizer={state['outer_optimizer_name']!r}, "
-                         f"this run uses {engine.options.outer_optimizer!r}")
-    ours = {hook.name: hook.option for hook in engine.hooks}
-    saved = state.get("round_hooks")
-    if saved is None:  # written by hf_localsgd 0.1, which kept every variant's state, used or not
-        saved = {name: option for name, option in ours.items() if name == "palsgd"}
-        if state["gain"] is not None:
-            saved["lr_scaling"] = "lr_scaling"
-    switched = sorted(set(saved) ^ set(ours))
-    if switched:
-        name = switched[0]
-        raise ValueError(
-            f"Checkpoint was trained with {(saved | ours)[name]} {'on' if name in saved else 'off'}, this run "
-            f"has it {'on' if name in ours else 'off'}: its state cannot be made up or dropped exactly"
-        )
+        raise ValueError(f"Checkpoint was trained with outer_optimizer={state['outer_optimizer_name']!r}, this run "
+                         f"uses {engine.options.outer_optimizer!r}: {again}")
+    saved, hook_state = saved_hooks(state)
+    ours = {hook.name: hook for hook in engine.hooks}
+    for name in sorted(set(saved) ^ set(ours)):
+        strict = saved[name]["strict"] if name in saved else ours[name].strict_resume
+        if strict:
+            option = saved[name]["option"] if name in saved else ours[name].option
+            raise ValueError(f"Checkpoint was trained with {option} {'on' if name in saved else 'off'}, this run has "
+                             f"it {'on' if name in ours else 'off'}: its state cannot be made up or dropped exactly; "
+                             f"{again}")
+    return {name: hook_state[name] for name in ours if name in hook_state}
+
+
+def saved_hooks(state: dict) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The hooks a checkpoint's engine ran ({name: {"option", "strict"}}) and their states, in this version's
+    layout or in hf_localsgd 0.1's (every variant's state at the top level, used or not)."""
+    if "round_hooks" in state:
+        return state["round_hooks"], state["hook_state"]
+    hooks, hook_state = {}, {}
+    if state["gain"] is not None:
+        hooks["lr_scaling"] = {"option": "lr_scaling", "strict": True}
+        hook_state["lr_scaling"] = {"gain": state["gain"], "grad_cache": state["grad_cache"]}
+    hook_state["palsgd"] = {k: state[k] for k in ("pseudo_syncs_in_round", "pseudo_sync_draws")}  # if it runs now
+    return hooks, hook_state
 
 
 def save_rank_state(directory: str, engine: RoundEngine, optimizer: torch.optim.Optimizer | None = None) -> str:

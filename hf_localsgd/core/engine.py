@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from .build import build_hooks, build_reducer, build_sync
 from .checkpoint import check_resumable
 from .collectives import check_launch
 from .flat import FlatParams, keep_buffers_local, warn_about_unsynchronized_buffers
-from .hooks import RoundHook
+from .hooks import RoundHook, check_hooks
 from .metrics import outer_gradient_metrics, ring_bytes
 from .options import LocalSGDOptions
 from .schedules import build_sync_schedule, peak_lr, total_rounds
@@ -56,6 +56,10 @@ class RoundEngine:
         seed: seeds PALSGD's draws (with the replica's index).
         track_metrics: measure each sync (``last_metrics``); adds one float to the outer all-reduce.
         bucket_size_mb: float32 megabytes of outer gradient per collective.
+        schedule: a function of the steps taken that gives the H of the round starting there (the same on every
+            rank), instead of the options' ``sync_every`` / ``sync_every_schedule``.
+        hooks: round hooks of your own (`hf_localsgd.core.hooks.RoundHook`), run after the ones the options
+            switch on.
 
     The inner step, with the calls the options need (all but ``step()`` are no-ops without PALSGD or lr
     scaling, and may be left out then):
@@ -70,11 +74,13 @@ class RoundEngine:
         engine.step()                            # counts the step; the outer sync when the round is complete
 
     Also: ``sync()`` (outer step now, for a partial round), ``finish()``; ``syncs_gradients`` (whether the next
-    step must all-reduce its gradients: the data-parallel warm-up), ``should_stop``; the global model
-    (``global_model()``, ``swap_in_global()`` / ``restore_local()``, ``global_model_params()``,
-    ``local_params()``, ``load_params()``); ``state_dict()`` / ``load_state_dict()`` and ``fast_forward()``;
-    read-only counters ``num_steps``, ``inner_step``, ``num_syncs``, ``sync_every`` (H of the round in progress),
-    and ``last_metrics``, ``bytes_sent``, ``seconds_in_sync``, ``data_parallel_bytes``.
+    step must all-reduce its gradients: the data-parallel warm-up; a loop that ignores it leaves the replicas
+    apart), ``in_warmup``, ``should_stop``; the global model (``global_model()``, ``swap_in_global()`` /
+    ``restore_local()``, ``keep_current_weights()``, ``model_is_global``, ``global_model_params()``,
+    ``global_params``, ``outer_optimizer``, ``outer_lr``, ``local_params()``, ``load_params()``); ``state_dict()``
+    / ``load_state_dict()`` and ``fast_forward()``; ``hooks`` and ``hook(name)``; read-only counters
+    ``num_steps``, ``inner_step``, ``num_syncs``, ``sync_every`` (H of the round in progress), and ``world_size``,
+    ``last_metrics``, ``bytes_sent``, ``seconds_in_sync``, ``data_parallel_bytes``.
     """
 
     def __init__(
@@ -90,12 +96,18 @@ class RoundEngine:
         seed: int = 0,
         track_metrics: bool = False,
         bucket_size_mb: float = 256,
-        hooks: list[RoundHook] | None = None,
+        schedule: Callable[[int], int] | None = None,
+        hooks: Iterable[RoundHook] = (),
         **option_fields,
     ):
         if options is not None and option_fields:
             raise TypeError(f"RoundEngine takes options or their fields as keywords, not both: {sorted(option_fields)}")
-        self.options = options = LocalSGDOptions(**option_fields) if options is None else options
+        if options is None:
+            options = LocalSGDOptions.from_keywords(**option_fields)
+            if options.data_partition != "iid":  # (the Trainer glue builds the sampler; a plain loop, its own)
+                raise ValueError("data_partition: RoundEngine does not load data; give your DataLoader a "
+                                 "hf_localsgd.core.partition.LabelShardSampler instead")
+        self.options = options
         if bucket_size_mb <= 0:
             raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb}")
         if isinstance(model, DistributedDataParallel):
@@ -107,14 +119,16 @@ class RoundEngine:
         self.peak_lr = peak_lr(optimizer, lr_scheduler)
         check_launch()
         self.reducer = build_reducer(options, process_group)
-        self.world_size, self.replica_index = self.reducer.world_size, self.reducer.rank
+        self.world_size = self.reducer.world_size
+        self.replica_index = dist.get_rank() if dist.is_initialized() else 0  # (unique across groups too)
         self.warmup_steps = options.local_sgd_warmup_steps
         self.track_metrics = track_metrics
 
-        self._schedule = build_sync_schedule(options, total_steps, optimizer, self.peak_lr, lr_warmup_steps)
+        self._schedule = schedule or build_sync_schedule(options, total_steps, optimizer, self.peak_lr, lr_warmup_steps)
         self.outer = build_sync(options, self.flat, self.reducer, total_rounds(options, self._schedule, total_steps))
 
-        self.hooks = build_hooks(options, seed=seed, total_steps=total_steps) if hooks is None else list(hooks)
+        self.hooks = [*build_hooks(options, seed=seed, total_steps=total_steps), *hooks]
+        check_hooks(self.hooks)
         for hook in self.hooks:
             hook.attach(self)
         self._scheduled_lrs: list[float] | None = None  # the schedule's lrs while a hook's are in the optimizer
@@ -174,6 +188,7 @@ class RoundEngine:
         """A step starts: this replica's weights come back (after an evaluation of the global model), the hooks
         decide the step (PALSGD's draw), and the step's inner lrs are set until `after_optimizer_step`."""
         self.restore_local()
+        self.after_optimizer_step()  # (a loop that skipped it: the schedule's lrs, not this step's, are read below)
         for hook in self.hooks:
             hook.begin_step()
         lrs = next((lrs for hook in self.hooks if (lrs := hook.step_lrs(self.optimizer)) is not None), None)
@@ -298,8 +313,15 @@ class RoundEngine:
         return flat
 
     def load_params(self, flat: torch.Tensor) -> None:
-        """Write a flat tensor (from ``local_params`` or ``global_model_params``) into the model."""
+        """Write a flat tensor (from ``local_params`` or ``global_model_params``) into the model, as this replica's
+        weights (what ``swap_in_global`` had set aside is dropped)."""
+        self._local_backup = None
         self.flat.copy_to_model(flat)
+
+    def keep_current_weights(self) -> None:
+        """The weights now in the model stay (e.g. a best checkpoint a trainer loaded over the global model): what
+        ``swap_in_global`` had set aside is dropped."""
+        self._local_backup = None
 
     def swap_in_global(self) -> None:
         """Put the global model (schedule-free: x) into the model until `restore_local` (or the next step),
@@ -338,18 +360,21 @@ class RoundEngine:
             "num_syncs": self._num_syncs,
             "bytes_sent": self.bytes_sent,
             "seconds_in_sync": self.seconds_in_sync,
-            "round_hooks": {hook.name: hook.option for hook in self.hooks},
+            "round_hooks": {hook.name: {"option": hook.option, "strict": hook.strict_resume} for hook in self.hooks},
+            "hook_state": {hook.name: hook.state_dict() for hook in self.hooks},
             **self.outer.state_dict(),
         }
-        for hook in self.hooks:
-            state.update(hook.state_dict())
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        check_resumable(state, self)
+        hook_state = check_resumable(state, self)
+        self._local_backup = None  # the state's weights replace whatever was set aside
         self.outer.load_state_dict(state)
         for hook in self.hooks:
-            hook.load_state_dict(state)
+            if hook.name in hook_state:
+                hook.load_state_dict(hook_state[hook.name])
+            else:
+                logger.info("RoundEngine: %s starts afresh (not in the checkpoint)", hook.option)
         self._num_steps, self._inner_step, self._num_syncs = state["num_steps"], state["inner_step"], state["num_syncs"]
         # The round in progress keeps the H it started with; one that has not started asks this run's H.
         self._sync_every = state["sync_every"]

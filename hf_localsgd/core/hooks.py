@@ -12,7 +12,9 @@ order (`RoundEngine`'s docstring shows the loop):
 
 and per sync: `sync_payload()` gives floats to sum over the replicas together with the outer gradient (no
 extra collective), `after_sync(summed, sync_every)` receives their sum and returns the round's metrics.
-`should_stop` ends training early; `state_dict()` holds what an exact resume needs.
+`should_stop` ends training early; `state_dict()` holds what an exact resume needs (kept under the hook's
+`name` in the engine's state). A hook whose `strict_resume` is set refuses a resume that would switch it on or
+off (its state cannot be made up or dropped exactly); the others start afresh.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import torch
 
 class RoundHook:
     """Base class: every point is a no-op. ``name`` identifies the hook in checkpoints; ``option`` names the
-    setting that switches it on, for errors."""
+    setting that switches it on, for errors; ``sets_inner_lr`` says that ``step_lrs`` gives the step's lrs."""
 
     name = ""
     option = ""
+    sets_inner_lr = False
+    strict_resume = True
 
     def attach(self, engine) -> None:
         self.engine = engine
@@ -61,3 +65,12 @@ class RoundHook:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def check_hooks(hooks: list[RoundHook]) -> None:
+    names = [hook.name for hook in hooks]
+    if not all(names) or len(set(names)) != len(names):
+        raise ValueError(f"hooks: every round hook needs a name of its own (its key in checkpoints), got {names}")
+    setting = [hook.name for hook in hooks if hook.sets_inner_lr]
+    if len(setting) > 1:
+        raise ValueError(f"hooks: {setting} all set the inner lr of each step; only one hook may")

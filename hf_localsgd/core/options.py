@@ -14,6 +14,7 @@ The methods and their equations are in docs/methods.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -30,6 +31,9 @@ LR_SCALINGS = ("none", "adascale", "local_adascale")
 DATA_PARTITIONS = ("iid", "by_label")
 STATE_DEVICES = ("model", "cpu")
 COMM_DTYPES = ("float32", "bfloat16")
+# hf_localsgd 0.1's RoundEngine keywords: the option each is now
+RENAMED_KEYWORDS = {"warmup_steps": "local_sgd_warmup_steps", "state_device": "outer_state_device",
+                    "comm_dtype": "outer_comm_dtype"}
 
 
 def _option(default, help: str, choices=None):
@@ -115,9 +119,9 @@ class LocalSGDOptions:
         1.0, "PALSGD's mixing rate η: a pseudo-synchronization moves x_k by (lr · η / p)(x - x_k)."
     )
     pseudo_sync_rate_schedule: str = _option(
-        "constant", "How η follows training: 'constant', or 'inverse_lr': η_t = η · learning_rate / lr_t, so a "
-                    "pseudo-synchronization pulls as hard (learning_rate · η / p) while the inner lr decays, as "
-                    "PALSGD's Theorem 2 does with η = p / (2Hα).",
+        "constant", "How η follows training: 'constant', or 'inverse_lr': η_t = η · peak lr / lr_t (the peak: the lr "
+                    "schedule's base lr, learning_rate under Trainer), so a pseudo-synchronization pulls as hard "
+                    "(peak lr · η / p) while the inner lr decays, as PALSGD's Theorem 2 does with η = p / (2Hα).",
         PSEUDO_SYNC_RATE_SCHEDULES,
     )
     # --- learning-rate scaling
@@ -205,6 +209,19 @@ class LocalSGDOptions:
             fail("lr_scaling_ema", f"must be in [0, 1), got {self.lr_scaling_ema}")
         if self.lr_scaling != "none" and self.pseudo_sync_prob > 0:
             fail("lr_scaling", "is not combined with PALSGD (pseudo_sync_prob > 0): both set the inner lr")
+
+    @classmethod
+    def from_keywords(cls, **fields) -> LocalSGDOptions:
+        """The options from keyword arguments (what `RoundEngine(model, sync_every=..., ...)` takes), with the
+        names of hf_localsgd 0.1's engine keywords pointed to their fields."""
+        renamed = sorted(set(fields) & set(RENAMED_KEYWORDS))
+        if renamed:
+            raise TypeError(", ".join(f"{old} is now {RENAMED_KEYWORDS[old]}" for old in renamed) +
+                            " (the LocalSGDOptions / LocalSGDConfig field)")
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; the options are LocalSGDOptions' fields")
+        return cls(**fields)
 
     # ------------------------------------------------------------------ derived values
     @property

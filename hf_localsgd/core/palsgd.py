@@ -29,6 +29,8 @@ class PseudoSync(RoundHook):
 
     name = "palsgd"
     option = "PALSGD (pseudo_sync_prob > 0)"
+    sets_inner_lr = True
+    strict_resume = False  # switched on at a resume, the draws start from the seed
 
     def __init__(self, prob: float, rate: float = 1.0, rate_schedule: str = "constant", seed: int = 0):
         self.prob, self.rate, self.rate_schedule, self.seed = prob, rate, rate_schedule, seed

@@ -77,7 +77,7 @@ def build_sync_schedule(
     """The H schedule the options describe, over local steps from the warm-up's end to ``total_steps``;
     ``inverse_lr`` reads the inner lr from ``optimizer``."""
     if options.sync_every_schedule in ("linear", "stepwise") and total_steps is None:
-        raise ValueError(f"sync_every_schedule={options.sync_every_schedule!r} ramps up over the run: give the "
+        raise ValueError(f"sync_every_schedule: {options.sync_every_schedule!r} ramps up over the run: give the "
                          "engine total_steps")
     if options.sync_every_schedule == "inverse_lr" and optimizer is None:
         raise ValueError("sync_every_schedule: 'inverse_lr' follows the inner lr: give the engine the optimizer")

@@ -235,6 +235,7 @@ class LocalSGDCallback(TrainerCallback):
             self._local_gathers.deactivate()
         if args.load_best_model_at_end and state.best_model_checkpoint is not None:
             # Trainer has loaded the best checkpoint's global model over whatever the model held.
+            self.engine.keep_current_weights()
             logger.info("Local SGD: keeping the best checkpoint's global model loaded by Trainer")
         elif self.engine.finish():  # a callback stopped training early, mid-round
             self._log_round()

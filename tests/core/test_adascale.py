@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from hf_localsgd.core.metrics import METRICS, PREFIX
 from hf_localsgd.core.adascale import GainRatio, gain_ratio, gradient_statistics
 
 
@@ -37,6 +38,7 @@ def test_local_adascale_on_two_processes(core_runs):
     r0, r1 = core_runs["adascale"]
     logs, stats = r0["round_logs"], r0["stats"]
     ratios = [[log["local_sgd/gain_ratio"] for log in r["round_logs"]] for r in (r0, r1)]
+    assert {key for log in logs for key in log if key.startswith(PREFIX)} <= {PREFIX + name for name in METRICS}
     assert ratios[0] == ratios[1]  # every rank computed the same ρ
     # Each sync carries the statistics of the previous round's first gradients (the first sync: its own).
     assert len(logs) >= 2

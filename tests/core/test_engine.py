@@ -109,14 +109,17 @@ def test_engine_validates_arguments():
                           "^outer_optimizer: "), ({"sync_every": 2, "outer_comm_dtype": "int8"}, "^outer_comm_dtype: "),
                           ({"sync_every": 2, "outer_lr": float("nan")}, "^outer_lr: "),
                           ({"outer_lr_scheduler": "cosine"}, "^outer_lr_scheduler: .*total_steps"),
-                          ({"sync_every_schedule": "linear"}, "^sync_every_schedule=.*total_steps"),
+                          ({"sync_every_schedule": "linear"}, "^sync_every_schedule: .*total_steps"),
+                          ({"data_partition": "by_label"}, "^data_partition: .*LabelShardSampler"),
                           ({"bucket_size_mb": 0}, "bucket_size_mb")):
         with pytest.raises(ValueError, match=match):
             RoundEngine(model(), **kwargs)
     with pytest.raises(TypeError, match="not both"):
         RoundEngine(model(), LocalSGDOptions(), sync_every=3)
-    with pytest.raises(TypeError, match="unexpected keyword"):
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['sync_evry'\]"):
         RoundEngine(model(), sync_evry=3)
+    with pytest.raises(TypeError, match="^comm_dtype is now outer_comm_dtype, warmup_steps is now local_sgd_warmup_steps"):
+        RoundEngine(model(), warmup_steps=3, comm_dtype="bfloat16")  # hf_localsgd 0.1's keywords
     frozen = model()
     for p in frozen.parameters():
         p.requires_grad_(False)
@@ -200,11 +203,18 @@ def test_engine_refuses_to_resume_with_a_variant_switched():
     saved = RoundEngine(model(), sync_every=2).state_dict()
     scheduler = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(model().parameters(), lr=0.1), lambda s: 1.0)
     with pytest.raises(ValueError, match="lr_scaling off, this run has it on"):
-        RoundEngine(model(), sync_every=2, lr_scaling="local_adascale", lr_scheduler=scheduler).load_state_dict(saved)
+        RoundEngine(model(), sync_every=2, lr_scaling="local_adascale", lr_scheduler=scheduler,
+                    optimizer=scheduler.optimizer).load_state_dict(saved)
+    with pytest.raises(ValueError, match="lr_scaling on, this run has it off.*delete its local_sgd_rank"):
+        RoundEngine(model(), sync_every=2).load_state_dict(
+            RoundEngine(model(), sync_every=2, lr_scaling="local_adascale", lr_scheduler=scheduler,
+                        optimizer=scheduler.optimizer).state_dict())
+    # PALSGD may be switched at a resume (as in hf_localsgd 0.1): switched on, its draws start from the seed
     m = model()
     palsgd = RoundEngine(m, sync_every=2, pseudo_sync_prob=0.5, optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match=r"PALSGD \(pseudo_sync_prob > 0\) on, this run has it off"):
-        RoundEngine(model(), sync_every=2).load_state_dict(palsgd.state_dict())
+    RoundEngine(model(), sync_every=2).load_state_dict(palsgd.state_dict())
+    m = model()
+    RoundEngine(m, sync_every=2, pseudo_sync_prob=0.5, optimizer=torch.optim.SGD(m.parameters(), lr=0.1)).load_state_dict(saved)
 
 
 def test_counters_are_read_only():
@@ -261,8 +271,8 @@ def test_hooks_are_called_at_their_points_and_carry_a_payload_through_the_sync()
     m = model()
     optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
     hook = Recording()
-    engine = RoundEngine(m, sync_every=2, optimizer=optimizer, hooks=[hook], track_metrics=True)
-    assert engine.hook("recording") is hook and engine.hook("palsgd") is None
+    engine = RoundEngine(m, sync_every=2, optimizer=optimizer, hooks=[hook], track_metrics=True, pseudo_sync_prob=0.5)
+    assert [h.name for h in engine.hooks] == ["palsgd", "recording"]  # the options' hooks, then one's own
     for _ in range(2):
         engine.begin_step()
         engine.before_optimizer_step()
@@ -271,9 +281,23 @@ def test_hooks_are_called_at_their_points_and_carry_a_payload_through_the_sync()
         engine.step()
     step = ["begin_step", "before_optimizer_step", "end_step"]
     assert hook.calls == step + step + ["sync_payload", ("after_sync", [1.5, -2.0], 2)]
-    assert engine.last_metrics["recorded"] == 7.0
+    assert engine.last_metrics["recorded"] == 7.0 and "pseudo_syncs" in engine.last_metrics
     state = engine.state_dict()
-    assert state["round_hooks"] == {"recording": "a recording hook"} and state["recording_calls"] == 8
+    assert state["round_hooks"]["recording"] == {"option": "a recording hook", "strict": True}
+    assert state["hook_state"]["recording"] == {"recording_calls": 8}
+    assert set(state["hook_state"]["palsgd"]) == {"pseudo_syncs_in_round", "pseudo_sync_draws"}
+
+
+def test_hooks_need_names_of_their_own_and_one_sets_the_lr():
+    with pytest.raises(ValueError, match="^hooks: every round hook needs a name"):
+        RoundEngine(model(), sync_every=2, hooks=[RoundHook()])
+    with pytest.raises(ValueError, match="^hooks: every round hook needs a name"):
+        RoundEngine(model(), sync_every=2, hooks=[Recording(), Recording()])
+    setter = type("Setter", (RoundHook,), {"name": "setter", "sets_inner_lr": True})()
+    m = model()
+    with pytest.raises(ValueError, match=r"^hooks: \['palsgd', 'setter'\] all set the inner lr"):
+        RoundEngine(m, sync_every=2, pseudo_sync_prob=0.5, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                    hooks=[setter])
 
 
 def test_palsgd_needs_the_inner_optimizer():
@@ -281,8 +305,10 @@ def test_palsgd_needs_the_inner_optimizer():
         RoundEngine(model(), sync_every=2, pseudo_sync_prob=0.5)
 
 
-def test_lr_scaling_needs_a_lambda_schedule():
+def test_lr_scaling_needs_the_optimizer_and_a_lambda_schedule():
     m = model()
     scheduler = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(m.parameters(), lr=0.1), step_size=2)
-    with pytest.raises(ValueError, match="^lr_scaling: .*LambdaLR.*StepLR"):
+    with pytest.raises(ValueError, match="^lr_scaling: .*optimizer=optimizer, lr_scheduler=scheduler"):
         RoundEngine(m, sync_every=2, lr_scaling="local_adascale", lr_scheduler=scheduler)
+    with pytest.raises(ValueError, match="^lr_scaling: .*LambdaLR.*StepLR"):
+        RoundEngine(m, sync_every=2, lr_scaling="local_adascale", lr_scheduler=scheduler, optimizer=scheduler.optimizer)

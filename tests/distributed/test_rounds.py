@@ -1,10 +1,12 @@
-"""Two real processes (gloo on CPU) under `accelerate launch`: what rounds communicate, and the outer steps against
+"""Two real processes (gloo on CPU): what rounds communicate, and the outer steps against
 float64 references (LocalSGDTrainer, and the engine alone)."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import run_scenarios
+
+from hf_localsgd.core.metrics import METRICS, PREFIX
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,7 @@ def test_rounds_communicate_only_at_syncs(runs):
         assert log["local_sgd/ddp_bytes_total"] == log["step"] * n * 4
         assert log["local_sgd/outer_lr"] == 0.7 and log["local_sgd/sync_every"] == 4
     assert logs[-1]["local_sgd/bytes_vs_ddp"] < 0.4
+    assert {key for log in logs for key in log if key.startswith(PREFIX)} <= {PREFIX + name for name in METRICS}
 
     # Forward passes broadcast no buffers: rank 1 keeps its own.
     assert r0["rank_marker"] == [0.0] * 4 and r1["rank_marker"] == [1.0] * 4

@@ -1,11 +1,14 @@
 """The harness of the multi-process scenarios, and what they share (tiny models, data, collective counting).
 
-Each scenario is a script in this folder, run on every rank under `accelerate launch`; its `run(out_dir,
-*options)` returns a JSON-able dict, which `main` writes as `result_rank{R}.json` for the test to read:
+Each scenario is a script in this folder, run on every rank with a launcher's environment (RANK, WORLD_SIZE,
+MASTER_ADDR, ...); its `run(out_dir, *options)` returns a JSON-able dict, which `main` writes as
+`result_rank{R}.json` for the test to read. By hand, the launcher does it:
 
-    accelerate launch --config_file accelerate_configs/cpu_2proc.yaml tests/scenarios/rounds.py OUT_DIR
+    ACCELERATE_USE_CPU=true accelerate launch --config_file accelerate_configs/cpu_2proc.yaml \
+        tests/scenarios/rounds.py OUT_DIR
 
-(`tests/conftest.py: run_scenario` does this with a free port and a timeout.)
+(`tests/conftest.py: run_scenario` starts the ranks directly, with a free port and a timeout;
+`run_scenarios` runs several in one launch through `batch.py`.)
 """
 
 from __future__ import annotations
