@@ -1,10 +1,12 @@
 """AdaScale and LocalAdaScale learning-rate scaling ("On the Choice of Learning Rate for Local SGD", Balles,
 Teja S and Archambeau, TMLR 2024, §5, Alg. 1, Eqs. 14, 15 and 49; docs/methods.md, "LocalAdaScale").
 
-The gain ratio ρ ∈ [1, K] says how many of the K workers' gradients are "worth" a full step: ρ = 1 when the
-gradients carry no noise (more workers do not help), ρ → K when noise dominates. The inner learning rate is
-ρ·γ(s), where s is the scale-invariant iteration counter (s += ρ per step), so the learning-rate schedule is
-stretched and training ends when s reaches the base-case budget.
+The gain ratio ρ says how many base-case steps (one worker, H = 1) one step of K workers is worth: ρ = 1 when
+the gradients carry no noise (more workers do not help), ρ → K when noise dominates. With H = 1 (AdaScale)
+ρ ∈ [1, K]; with H > 1 it is in (0, K] and falls below 1 when the local steps' drift outweighs the noise
+averaged away (Eq. 14 as published: local SGD at large H needs a lower lr and more steps than the base run).
+The inner learning rate is ρ·γ(s), where s is the scale-invariant iteration counter (s += ρ per step), so the
+learning-rate schedule is stretched and training ends when s reaches the base-case budget S.
 """
 
 from __future__ import annotations
@@ -17,16 +19,51 @@ from .hooks import RoundHook
 
 
 def gain_ratio(G: float, sigma2: float, K: int, H: int, c: float = 1.0) -> float:
-    """Eq. 49: ρ = 2(G + σ²) / (G + σ²/K + sqrt((G + σ²/K)² + 3c(H - 1)·G·σ²)), clipped to [1, K].
+    """Eq. 49: ρ = 2(G + σ²) / (G + σ²/K + sqrt((G + σ²/K)² + 3c(H - 1)·G·σ²)), not clipped.
 
     c = 1 is LocalAdaScale (Eq. 14), c = 0 AdaScale; with H = 1 both are AdaScale's (G + σ²) / (G + σ²/K).
+    For G, σ² >= 0 the value is in (0, K] without clipping: the square root is at least G + σ²/K, so
+    ρ <= (G + σ²) / (G + σ²/K) <= K. It is below 1 when 4(1 - 1/K)(G + σ²) < 3c(H - 1)G (e.g. K = 4, H = 16,
+    σ²/G = 1: 0.495). The paper states no lower clip; the estimates of Eq. 15 can come out negative by
+    chance, and are taken as 0 (no noise, or no signal) here.
     """
+    if not (math.isfinite(G) and math.isfinite(sigma2)):
+        raise FloatingPointError(
+            f"lr_scaling: the gradient statistics are not finite (G={G}, σ²={sigma2}): a round's first gradients "
+            "overflowed or were NaN; lower the learning rate or clip the gradients (max_grad_norm)"
+        )
     G, sigma2 = max(G, 0.0), max(sigma2, 0.0)
     a = G + sigma2 / K
     denominator = a + math.sqrt(a * a + 3.0 * c * (H - 1) * G * sigma2)
-    if denominator <= 0:
+    if denominator <= 0:  # G = σ² = 0: a zero gradient; the base case's step, ρ = 1
         return 1.0
-    return min(max(2.0 * (G + sigma2) / denominator, 1.0), float(K))
+    rho = 2.0 * (G + sigma2) / denominator
+    if not math.isfinite(rho) or rho <= 0:
+        raise FloatingPointError(f"lr_scaling: the gain ratio came out {rho} (G={G}, σ²={sigma2}, K={K}, H={H}, "
+                                 f"c={c}): the statistics overflowed; lower the learning rate or clip the gradients")
+    return rho
+
+
+def lowest_gain_ratio(K: int, H: int, c: float = 1.0) -> float:
+    """The smallest ρ of Eq. 49 over all noise levels σ²/G >= 0 (at most 1: σ² = 0 gives 1), a little under.
+
+    A run that spends a budget of S scale-invariant steps takes at most ceil(S / lowest_gain_ratio) steps: the
+    bound the Trainer's loop is raised to. ρ depends on G and σ² only through x = σ²/G; it falls from 1 at
+    x = 0 to a minimum and rises to K as x -> ∞, so a grid over log x, then golden-section refinement.
+    """
+    def rho(log_x: float) -> float:
+        x = 10.0**log_x
+        a = 1.0 + x / K
+        return 2.0 * (1.0 + x) / (a + math.sqrt(a * a + 3.0 * c * (H - 1) * x))
+
+    grid = [i / 20 for i in range(-200, 301)]  # x from 1e-10 to 1e15
+    best = min(range(len(grid)), key=lambda i: rho(grid[i]))
+    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(60):
+        m1, m2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        lo, hi = (lo, m2) if rho(m1) < rho(m2) else (m1, hi)
+    return min(1.0, rho((lo + hi) / 2)) * (1 - 1e-9)
 
 
 def gradient_statistics(mean_sq_norm: float, sq_norm_of_mean: float, K: int) -> tuple[float, float]:
@@ -46,14 +83,21 @@ class GainRatio:
         self.scale_invariant_step = 0.0
 
     def update(self, mean_sq_norm: float, sq_norm_of_mean: float, H: int) -> float:
-        """Fold one round's gradient statistics into the moving averages; returns the new ρ."""
+        """Fold one round's gradient statistics into the moving averages; returns the ρ of the round that
+        starts now, whose length is ``H``."""
         sigma2, G = gradient_statistics(mean_sq_norm, sq_norm_of_mean, self.K)
         if self.sigma2 is None:
             self.sigma2, self.G = sigma2, G
         else:
             self.sigma2 = self.ema * self.sigma2 + (1 - self.ema) * sigma2
             self.G = self.ema * self.G + (1 - self.ema) * G
-        self.rho = gain_ratio(self.G, self.sigma2, self.K, H, self.c)
+        return self.start_round(H)
+
+    def start_round(self, H: int) -> float:
+        """The ρ of a round of ``H`` steps from the statistics so far (1 before the first): Eq. 14 with the H
+        of the round it scales, which a communication schedule may change from one round to the next."""
+        if self.sigma2 is not None:
+            self.rho = gain_ratio(self.G, self.sigma2, self.K, H, self.c)
         return self.rho
 
     def state_dict(self) -> dict:
@@ -115,11 +159,14 @@ class GainRatioScaling(RoundHook):
         return self.cache
 
     def after_sync(self, summed, sync_every: int) -> dict[str, float]:
-        if summed is not None:  # the cached gradients, summed by the outer all-reduce
+        """``sync_every`` is the H of the round that starts now, the one the new ρ scales."""
+        if summed is not None:  # the cached gradients, summed (in float32) by the outer all-reduce
             k = self.engine.world_size
             grad_sum, mean_sq_grad = summed[:-1], summed[-1].item() / k
             self.gain.update(mean_sq_grad, grad_sum.dot(grad_sum).item() / k**2, sync_every)
             self.cache = None
+        else:
+            self.gain.start_round(sync_every)
         metrics = {"gain_ratio": self.gain.rho, "scale_invariant_step": self.gain.scale_invariant_step}
         if self.gain.sigma2 is not None:
             metrics["sigma2"], metrics["G"] = self.gain.sigma2, self.gain.G

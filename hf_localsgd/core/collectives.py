@@ -29,19 +29,27 @@ class AllReduce:
         self.world_size = dist.get_world_size(group) if distributed else 1
         self.rank = dist.get_rank(group) if distributed else 0
 
-    def sum_(self, buf: torch.Tensor) -> torch.Tensor:
+    @property
+    def exact(self) -> bool:
+        """Whether the wire dtype is float32, so that floats which must stay exact can share a collective."""
+        return self.dtype == torch.float32
+
+    def sum_(self, buf: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """The sum of ``buf`` over the replicas: ``buf`` itself, summed in place, or, for a narrower wire dtype,
-        a summed copy in that dtype (made in one conversion pass) that the caller reads back."""
+        a summed copy in that dtype (made in one conversion pass) that the caller reads back. ``exact`` sums in
+        float32 whatever the wire dtype (statistics that are differences of near-equal numbers)."""
         if self.world_size == 1:
             return buf
-        wire = buf if self.dtype == buf.dtype else buf.to(self.dtype)
+        dtype = torch.float32 if exact else self.dtype
+        wire = buf if dtype == buf.dtype else buf.to(dtype)
         # bfloat16 has float32's range: the sum of K outer gradients overflows no sooner than their mean.
         dist.all_reduce(wire, group=self.group)
         return wire
 
-    def bytes_sent(self, numel: int) -> float:
-        """Bytes this rank sends to sum ``numel`` elements (a ring all-reduce)."""
-        return ring_bytes(numel * self.dtype.itemsize, self.world_size)
+    def bytes_sent(self, numel: int, exact_numel: int = 0) -> float:
+        """Bytes this rank sends to sum ``numel`` elements in the wire dtype and ``exact_numel`` in float32
+        (ring all-reduces)."""
+        return ring_bytes(numel * self.dtype.itemsize + exact_numel * 4, self.world_size)
 
     def broadcast_(self, tensor: torch.Tensor) -> None:
         """Overwrite ``tensor`` with the group's first rank's, in place."""

@@ -254,20 +254,21 @@ class RoundEngine:
         payloads = [(hook, p) for hook in self.hooks if (p := hook.sync_payload()) is not None]
         tail = torch.cat([p for _, p in payloads]) if payloads else None
         summed, norms = self.outer(tail, measure=self.track_metrics)
+        ended, self._inner_step = self._sync_every, 0
+        self._num_syncs += 1
+        self._start_round()  # before the hooks: the lr they set is the next round's (LocalAdaScale's ρ needs its H)
         metrics, offset = {}, 0
         for hook in self.hooks:
             payload = next((p for h, p in payloads if h is hook), None)
             part = None if payload is None else summed[offset : offset + payload.numel()]
             offset += 0 if payload is None else payload.numel()
             metrics.update(hook.after_sync(part, self._sync_every))
-        sent = self.reducer.bytes_sent(self.flat.numel + int(self.track_metrics) + (0 if tail is None else tail.numel()))
+        sent = self.reducer.bytes_sent(self.flat.numel, int(self.track_metrics) + (0 if tail is None else tail.numel()))
         self.bytes_sent += sent
-        self._inner_step = 0
-        self._num_syncs += 1
         if self.track_metrics:  # .tolist() waits for the device, so the timing includes the device's work
             mean_sq_norm, sq_norm_of_mean = norms.tolist()
             self.last_metrics = {
-                "round": self._num_syncs, "sync_every": self._sync_every, "outer_lr": outer_lr,
+                "round": self._num_syncs, "sync_every": ended, "outer_lr": outer_lr,
                 **outer_gradient_metrics(mean_sq_norm, sq_norm_of_mean, self.world_size),
                 "sync_seconds": time.perf_counter() - started, "bytes_sent": sent,
                 "bytes_total": self.bytes_sent, "ddp_bytes_total": self.data_parallel_bytes, **metrics,
@@ -276,7 +277,6 @@ class RoundEngine:
                 self.last_metrics["bytes_vs_ddp"] = self.bytes_sent / self.data_parallel_bytes
         # Host wall-clock time; on an accelerator without metrics, work still queued is not in it.
         self.seconds_in_sync += time.perf_counter() - started
-        self._start_round()
         return True
 
     def finish(self) -> bool:

@@ -11,7 +11,8 @@ order (`RoundEngine`'s docstring shows the loop):
     end_step()                after the optimizer step, before the engine counts it (PALSGD's pull)
 
 and per sync: `sync_payload()` gives floats to sum over the replicas together with the outer gradient (no
-extra collective), `after_sync(summed, sync_every)` receives their sum and returns the round's metrics.
+extra collective, summed in float32 whatever the wire dtype of the outer gradient), `after_sync(summed,
+sync_every)` receives their sum and the H of the round that starts now, and returns the round's metrics.
 `should_stop` ends training early; `state_dict()` holds what an exact resume needs (kept under the hook's
 `name` in the engine's state). A hook whose `strict_resume` is set refuses a resume that would switch it on or
 off (its state cannot be made up or dropped exactly); the others start afresh.

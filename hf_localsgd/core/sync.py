@@ -6,6 +6,7 @@ outer step (docs/methods.md, "The round", steps 3-5):
 
     Δ_k = x_r - x_k          into a flat buffer, bucket by bucket, straight from the parameters
     K·Δ = Σ_k Δ_k            one all-reduce per bucket; the last also carries a tail of extra floats
+                             (under a bfloat16 wire, the tail goes alone in float32: it holds statistics)
     x_{r+1} = OuterOpt(x_r, Δ)   the 1/K folded into the optimizer's own pass
     x_k <- x_{r+1}           on every replica
 
@@ -87,16 +88,19 @@ class OuterSync:
         return (tail_sum if tail is not None else None), norms
 
     def _outer_gradient(self, tail: torch.Tensor | None, measure: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """K·Δ = Σ_k (x_r - x_k) as one flat float32 tensor on the state device, and the summed tail that the
-        last bucket carried: [Σ_k ‖Δ_k‖² when measuring, then ``tail``]."""
+        """K·Δ = Σ_k (x_r - x_k) as one flat float32 tensor on the state device, and the summed tail: [Σ_k ‖Δ_k‖²
+        when measuring, then ``tail``]. The tail rides in the last bucket's collective when the wire is
+        float32; under bfloat16 it is summed on its own in float32, one more (small) collective: its floats are
+        statistics whose differences (σ², drift) would drown in bfloat16's 8 bits of mantissa."""
         flat, numel, extra = self.flat, self.flat.numel, int(measure)
         tail_numel = extra + (0 if tail is None else tail.numel())
+        fused = self.reducer.exact
         delta = torch.empty(numel + tail_numel, dtype=torch.float32, device=self.state_device)
         on_model_device = self.state_device == flat.device
         sq_norm = None
         for b in flat.buckets:
             last = b.end == numel
-            stop = b.end + (tail_numel if last else 0)
+            stop = b.end + (tail_numel if last and fused else 0)
             buf = delta[b.start : stop] if on_model_device else torch.empty(stop - b.start, device=flat.device)
             body = buf[: b.numel]
             global_ = self.global_params[b.start : b.end].to(flat.device, non_blocking=True)
@@ -111,14 +115,26 @@ class OuterSync:
                     d.copy_(g.to(p.dtype)).sub_(p.detach())
             if measure:
                 sq_norm = body.dot(body) if sq_norm is None else sq_norm + body.dot(body)
-            if last and measure:
-                buf[b.numel] = sq_norm
-            if last and tail is not None:
-                buf[b.numel + extra :].copy_(tail)
+            if last and fused:
+                self._fill_tail(buf[b.numel :], sq_norm, tail)
             summed = self.reducer.sum_(buf)
             if summed is not buf or not on_model_device:
                 delta[b.start : stop].copy_(summed)
+        if tail_numel and not fused:
+            buf = delta[numel:] if on_model_device else torch.empty(tail_numel, device=flat.device)
+            self._fill_tail(buf, sq_norm, tail)
+            summed = self.reducer.sum_(buf, exact=True)
+            if summed is not buf or not on_model_device:
+                delta[numel:].copy_(summed)
         return delta[:numel], delta[numel:]
+
+    @staticmethod
+    def _fill_tail(buf: torch.Tensor, sq_norm: torch.Tensor | None, tail: torch.Tensor | None) -> None:
+        extra = int(sq_norm is not None)
+        if sq_norm is not None:
+            buf[0] = sq_norm
+        if tail is not None:
+            buf[extra:].copy_(tail)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
