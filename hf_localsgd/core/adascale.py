@@ -72,6 +72,13 @@ def gradient_statistics(mean_sq_norm: float, sq_norm_of_mean: float, K: int) -> 
     return sigma2, sq_norm_of_mean - sigma2 / K
 
 
+def most_steps(budget: int, K: int, H: int, c: float) -> int:
+    """The most optimizer steps a run can take to spend ``budget`` scale-invariant steps with rounds of at most
+    ``H`` steps: each step adds ρ >= lowest_gain_ratio(K, H, c) to s (a warm-up step adds 1). AdaScale's ρ is
+    at least 1, so its runs take at most ``budget`` steps."""
+    return math.ceil(budget / lowest_gain_ratio(K, H, c))
+
+
 class GainRatio:
     """The smoothed statistics, the current ρ and the scale-invariant step: the checkpointable state."""
 

@@ -83,6 +83,13 @@ class LocalSGDCallback(TrainerCallback):
                 f"cannot do: train with LocalSGDTrainer, or give {type(trainer).__name__} the local-SGD overrides "
                 f"(class MyTrainer(LocalSGDTrainerMixin, {type(trainer).__name__})), or use data_partition='iid'"
             )
+        if getattr(options, "lr_scaling", "none") != "none" and not getattr(trainer, "local_sgd_stretches_schedule", False):
+            raise ValueError(
+                f"lr_scaling: trains for the base run's budget of scale-invariant steps, which may take more steps "
+                f"than Trainer's max_steps, and a callback cannot raise that bound: train with LocalSGDTrainer, or "
+                f"give {type(trainer).__name__} the local-SGD overrides (class MyTrainer(LocalSGDTrainerMixin, "
+                f"{type(trainer).__name__})), or use lr_scaling='none'"
+            )
         trainer.add_callback(callback)
         return callback
 
@@ -115,10 +122,12 @@ class LocalSGDCallback(TrainerCallback):
         handler = getattr(self.trainer, "callback_handler", None)
         self._progress = next((cb for cb in handler.callbacks if isinstance(cb, ProgressCallback)), None) if handler else None
 
+        # lr scaling: the base run's steps, which the lr schedule is built for (state.max_steps is the loop bound).
+        total_steps = getattr(self.trainer, "local_sgd_budget", None) or state.max_steps
         self.engine = RoundEngine(
             model, config, process_group=self.process_group, optimizer=optimizer,
             lr_scheduler=getattr(lr_scheduler, "scheduler", lr_scheduler),  # (Accelerate's wrapper, if any)
-            total_steps=state.max_steps, lr_warmup_steps=args.get_warmup_steps(state.max_steps), seed=args.seed,
+            total_steps=total_steps, lr_warmup_steps=args.get_warmup_steps(total_steps), seed=args.seed,
             track_metrics=args.logging_strategy != "no",
         )
         if state.global_step > 0:

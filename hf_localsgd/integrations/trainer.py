@@ -4,8 +4,15 @@ A thin subclass: the work is done by `LocalSGDCallback`, attached at constructio
 holds the overrides, so that any `Trainer` subclass can have them (`class SFTLocalSGDTrainer(
 LocalSGDTrainerMixin, SFTTrainer)`): `train` (to tell the callback which checkpoint it resumes from),
 `_save_checkpoint` (to write each rank's state before Trainer pushes the checkpoint) and `evaluate` (both also
-put the global model in, whichever callback asked for them), `create_model_card` (to record the method), and,
-for PALSGD and `data_partition="by_label"`, `training_step` and `_get_train_sampler`.
+put the global model in, whichever callback asked for them), `create_model_card` (to record the method), for
+PALSGD and `data_partition="by_label"`, `training_step` and `_get_train_sampler`, and for `lr_scaling`,
+`set_initial_training_values` and `create_scheduler` (the budget of the base run, below).
+
+With `lr_scaling` on, the run's length is the base run's (one worker, H = 1, the same per-device batch), in
+its steps S: `max_steps`, or with `num_train_epochs` the epochs times one worker's steps per epoch (K times a
+rank's). The lr schedule is built for S steps and read at the scale-invariant step s (s += ρ per step), and
+training ends when s reaches S: after about S / ρ̄ steps, more than S when ρ̄ < 1. Trainer's loop bound (and
+its progress bar's total) is raised to the most steps that can take, ceil(S / lowest ρ) for H = sync_every.
 
     accelerate launch --config_file accelerate_configs/cpu_2proc.yaml my_script.py   # any Trainer script:
     # args = LocalSGDConfig(output_dir="out", sync_every=16, outer_optimizer="nesterov", ...)
@@ -14,13 +21,16 @@ for PALSGD and `data_partition="by_label"`, `training_step` and `_get_train_samp
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..core.adascale import most_steps
 from ..core.partition import LabelShardSampler
 from .callback import MODEL_TAG, LocalSGDCallback
 from .card import method_card_section
@@ -34,6 +44,8 @@ class LocalSGDTrainerMixin:
     # What LocalSGDCallback cannot do from outside a trainer and this class does (read by the callback).
     local_sgd_partitions_data = True  # _get_train_sampler
     local_sgd_writes_state_before_push = True  # _save_checkpoint
+    local_sgd_stretches_schedule = True  # set_initial_training_values, create_scheduler
+    local_sgd_budget: int | None = None  # lr scaling: the base run's steps S, which the lr schedule is built for
 
     def __init__(self, model=None, args=None, *posargs, **kwargs):
         if args is None:
@@ -62,6 +74,22 @@ class LocalSGDTrainerMixin:
             self.train_dataset[column], self.args.world_size, self.args.per_device_train_batch_size,
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
         )
+
+    def set_initial_training_values(self, args, dataloader):
+        values = list(super().set_initial_training_values(args, dataloader))
+        if args.lr_scaling == "none":
+            return values
+        num_train_epochs, steps_per_epoch, max_steps = values[0], values[1], values[-1]
+        self.local_sgd_budget = base_budget(args, steps_per_epoch, args.world_size)
+        bound = most_steps(self.local_sgd_budget, args.world_size, args.sync_every, args.resolved_lr_scaling_c)
+        if num_train_epochs != sys.maxsize:  # (a dataset without a length: Trainer loops until max_steps)
+            values[0] = math.ceil(bound / steps_per_epoch)
+        values[-1] = max(bound, max_steps)
+        return values
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # lr scaling reads the schedule at the scale-invariant step, up to the base run's S steps.
+        return super().create_scheduler(self.local_sgd_budget or num_training_steps, optimizer)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.local_sgd.engine.skips_gradient_step:
@@ -105,6 +133,14 @@ class LocalSGDTrainerMixin:
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as card:
             card.write(method_card_section(self.args, world_size))
+
+
+def base_budget(args, steps_per_epoch: int, world_size: int) -> int:
+    """The base run's steps S (one worker, H = 1): ``max_steps``, or ``num_train_epochs`` over the data on one
+    worker, whose epoch is ``world_size`` times a rank's ``steps_per_epoch``."""
+    if args.max_steps > 0:
+        return args.max_steps
+    return math.ceil(args.num_train_epochs * steps_per_epoch * world_size)
 
 
 class LocalSGDTrainer(LocalSGDTrainerMixin, Trainer):

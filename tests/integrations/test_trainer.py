@@ -253,3 +253,68 @@ def test_tensorboard_receives_the_sync_metrics(tmp_path):
     assert len(synced) >= 9 and logged == {"train/" + key for key in synced}
     rounds = [event.value for event in events.Scalars(f"train/{PREFIX}round")]
     assert rounds == [1.0, 2.0, 3.0]  # syncs at steps 4, 8 and the final partial round at 10
+
+
+class LrProbe(TrainerCallback):
+    """After LocalSGDCallback: the inner lr of each optimizer step and the scale-invariant step it was read at."""
+
+    def __init__(self, trainer):
+        self.trainer, self.lrs = trainer, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        gain = self.trainer.local_sgd.engine.hook("lr_scaling").gain
+        self.lrs.append((self.trainer.optimizer.param_groups[0]["lr"], gain.scale_invariant_step))
+
+
+def test_lr_scaling_stretches_the_base_runs_schedule_over_more_steps(tmp_path, monkeypatch):
+    from hf_localsgd.core import adascale
+
+    def run(name):
+        args = config(tmp_path / name, max_steps=8, lr_scaling="local_adascale", sync_every=64,
+                      outer_optimizer="average", lr_scheduler_type="linear", learning_rate=0.01)
+        trainer = LocalSGDTrainer(model=tiny_model(), args=args, train_dataset=data())
+        probe = LrProbe(trainer)
+        trainer.add_callback(probe)
+        trainer.train()
+        return trainer, probe.lrs
+
+    base, base_lrs = run("base")  # one worker: ρ = 1, the base run itself
+    assert base.state.global_step == 8
+    assert [lr for lr, _ in base_lrs] == pytest.approx([0.01 * (8 - t) / 8 for t in range(8)])
+
+    class HalfGain(adascale.GainRatio):  # a fixed ρ = 0.5: every step is worth half a base step
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rho = 0.5
+
+        def start_round(self, H):
+            return self.rho
+
+    monkeypatch.setattr(adascale, "GainRatio", HalfGain)
+    stretched, lrs = run("stretched")
+    # max_steps=8 is the base run's budget: at ρ = 0.5 it takes 2x the steps, within Trainer's raised loop
+    # bound (ceil(8 / lowest ρ) for K = 1, H = 64, c = 1: 32), and ends when s reaches 8.
+    assert stretched.state.max_steps == adascale.most_steps(8, 1, 64, 1.0) == 32
+    assert stretched.state.global_step == 16
+    assert [s for _, s in lrs] == [t / 2 for t in range(16)]
+    # The schedule is the base run's, read at s: each base lr twice, times ρ; it ends where the base one ends.
+    assert [lr for lr, _ in lrs] == pytest.approx([0.5 * base_lrs[t // 2][0] for t in range(16)])
+    assert lrs[-1][0] == pytest.approx(0.5 * base_lrs[-1][0])
+
+
+def test_lr_scaling_budget_from_epochs_is_the_base_runs():
+    from hf_localsgd.integrations.trainer import base_budget
+
+    class Args:
+        max_steps, num_train_epochs = -1, 2.5
+
+    # 2.5 epochs of a rank's 6 steps on 4 ranks: one worker's epoch is 24 steps, the budget 60.
+    assert base_budget(Args, steps_per_epoch=6, world_size=4) == 60
+    Args.max_steps = 100
+    assert base_budget(Args, steps_per_epoch=6, world_size=4) == 100
+
+
+def test_lr_scaling_needs_a_trainer_that_can_stretch_the_run(tmp_path):
+    trainer = Trainer(model=tiny_model(), args=config(tmp_path, lr_scaling="adascale"), train_dataset=data())
+    with pytest.raises(ValueError, match="^lr_scaling: .*LocalSGDTrainerMixin"):
+        LocalSGDCallback.attach(trainer)
