@@ -26,7 +26,7 @@ OUTER_OPTIMIZERS = ("average", "nesterov", "schedule_free")
 OUTER_DEFAULTS = {"average": (1.0, 0.0), "nesterov": (0.7, 0.9), "schedule_free": (2.0, 0.2)}
 OUTER_LR_SCHEDULERS = ("constant", "cosine", "linear_after_plateau")
 SYNC_EVERY_SCHEDULES = ("constant", "linear", "stepwise", "inverse_lr")
-PSEUDO_SYNC_RATE_SCHEDULES = ("constant", "inverse_lr")
+PSEUDO_SYNC_RATE_SCHEDULES = ("constant", "inverse_lr", "theorem_2")
 LR_SCALINGS = ("none", "adascale", "local_adascale")
 DATA_PARTITIONS = ("iid", "by_label")
 STATE_DEVICES = ("model", "cpu")
@@ -119,9 +119,12 @@ class LocalSGDOptions:
         1.0, "PALSGD's mixing rate η: a pseudo-synchronization moves x_k by (lr · η / p)(x - x_k)."
     )
     pseudo_sync_rate_schedule: str = _option(
-        "constant", "How η follows training: 'constant', or 'inverse_lr': η_t = η · peak lr / lr_t (the peak: the lr "
+        "constant", "How η follows training: 'constant'; 'inverse_lr': η_t = η · peak lr / lr_t (the peak: the lr "
                     "schedule's base lr, learning_rate under Trainer), so a pseudo-synchronization pulls as hard "
-                    "(peak lr · η / p) while the inner lr decays, as PALSGD's Theorem 2 does with η = p / (2Hα).",
+                    "(peak lr · η / p) while the inner lr decays; or 'theorem_2': η_t = p / (2 H lr_t), PALSGD's "
+                    "Theorem 2 (proved for SGD inner steps, averaging outer steps, a constant lr <= p / (48 L H) and "
+                    "p <= 1/2 on smooth strongly convex objectives), a pull of 1/(2H) of the way to the global model; "
+                    "pseudo_sync_rate is then not used. A pull lr · η / p above 1 overshoots (warned about).",
         PSEUDO_SYNC_RATE_SCHEDULES,
     )
     # --- learning-rate scaling
@@ -130,7 +133,7 @@ class LocalSGDOptions:
                 "'adascale' (c = 0) or 'local_adascale' (c = 1), from the gradient noise of each round's first "
                 "gradients, all-reduced with the next outer step (doubling its bytes, not its latency). The lr "
                 "schedule is read at the scale-invariant step s (s += ρ per step), and training ends when s reaches "
-                "max_steps.",
+                "the base run's budget (max_steps read as one worker's steps at H = 1; docs/methods.md).",
         LR_SCALINGS,
     )
     lr_scaling_c: float | None = _option(
@@ -203,6 +206,9 @@ class LocalSGDOptions:
             fail("pseudo_sync_prob", f"must be in [0, 1), got {self.pseudo_sync_prob}")
         if not (math.isfinite(self.pseudo_sync_rate) and self.pseudo_sync_rate > 0):
             fail("pseudo_sync_rate", f"must be a finite number > 0, got {self.pseudo_sync_rate}")
+        if self.pseudo_sync_rate_schedule == "theorem_2" and self.pseudo_sync_rate != 1.0:
+            fail("pseudo_sync_rate", f"pseudo_sync_rate_schedule='theorem_2' sets η_t = p / (2 H lr_t) itself: leave "
+                 f"pseudo_sync_rate at 1, or use 'constant' / 'inverse_lr' for η={self.pseudo_sync_rate}")
         if self.lr_scaling_c is not None and not 0 <= self.lr_scaling_c <= 1:
             fail("lr_scaling_c", f"must be in [0, 1], got {self.lr_scaling_c}")
         if not 0 <= self.lr_scaling_ema < 1:

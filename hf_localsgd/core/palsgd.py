@@ -9,13 +9,27 @@ replica's index, so the draws are reproducible and differ across replicas):
 - otherwise a gradient step with inner lr α_t / (1 - p), so that in expectation it moves as far as plain SGD.
 
 The outer step still comes every H steps. During the data-parallel warm-up no step draws.
+
+The mixing rate η_t: ``constant`` (η), ``inverse_lr`` (η · peak lr / α_t: a pull as strong while α_t decays), or
+``theorem_2``: η_t = p / (2 H α_t), the choice of the paper's Theorem 2, so each pull moves x_k by 1/(2H) of the
+way to x (H: the round's). The theorem proves convergence with it for SGD inner steps, averaging outer steps
+(SGD with lr 1), a constant α <= p / (48 L H), p <= 1/2 and 12 L² <= η² / p, on an L-smooth, μ-strongly convex
+objective with identically distributed data of bounded gradient variance; outside that it is a heuristic.
+
+The pull weight α_t η_t / p is what a pseudo-synchronization moves x_k by, as a fraction of x - x_k: above 1 the
+step overshoots past the global model, above 2 it lands farther away than it started and the replica diverges.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .hooks import RoundHook
+
+
+logger = logging.getLogger(__name__)
 
 
 def pseudo_sync_seed(seed: int, replica: int) -> int:
@@ -25,7 +39,8 @@ def pseudo_sync_seed(seed: int, replica: int) -> int:
 
 class PseudoSync(RoundHook):
     """PALSGD with probability ``prob`` (p) and mixing rate ``rate`` (η); ``rate_schedule="inverse_lr"`` makes
-    η_t = η · peak lr / α_t, so that a pull stays as strong while the inner lr decays."""
+    η_t = η · peak lr / α_t, so that a pull stays as strong while the inner lr decays; ``"theorem_2"`` makes
+    η_t = p / (2 H α_t) (``rate`` unused)."""
 
     name = "palsgd"
     option = "PALSGD (pseudo_sync_prob > 0)"
@@ -37,6 +52,7 @@ class PseudoSync(RoundHook):
         self.pseudo_step = False  # whether the step in progress is a pseudo-synchronization
         self.alpha = 0.0  # the inner lr α_t of the step in progress (the schedule's)
         self.pseudo_syncs_in_round = 0
+        self._warned_pull = False
 
     def attach(self, engine) -> None:
         super().attach(engine)
@@ -66,12 +82,27 @@ class PseudoSync(RoundHook):
             for p in self.engine.flat.params:
                 p.grad = None
 
+    def pull_weight(self) -> float:
+        """α_t η_t / p of the step in progress: the fraction of x - x_k a pseudo-synchronization moves x_k by."""
+        if self.rate_schedule == "theorem_2":  # α_t η_t = p / (2H)
+            return 1.0 / (2 * self.engine.sync_every)
+        # α_t η_t: with η_t = η · peak lr / α_t (inverse_lr), that is peak lr · η.
+        alpha_eta = (self.engine.peak_lr if self.rate_schedule == "inverse_lr" else self.alpha) * self.rate
+        return alpha_eta / self.prob
+
     def end_step(self) -> None:
         if not self.pseudo_step:
             return
-        # α_t η_t: with η_t = η · peak lr / α_t (inverse_lr), that is peak lr · η.
-        alpha_eta = (self.engine.peak_lr if self.rate_schedule == "inverse_lr" else self.alpha) * self.rate
-        self.engine.flat.lerp_model_toward(self.engine.global_params, alpha_eta / self.prob)
+        weight = self.pull_weight()
+        if weight > 1 and not self._warned_pull:
+            self._warned_pull = True
+            logger.warning(
+                "pseudo_sync_rate: the pull weight lr · η / p = %.3g of a pseudo-synchronization exceeds 1, so it "
+                "overshoots past the global model%s; lower pseudo_sync_rate (η), raise pseudo_sync_prob (p), or use "
+                "pseudo_sync_rate_schedule='theorem_2' (a weight of 1/(2H))", weight,
+                " and, above 2, moves the replica farther away each time (it diverges)" if weight > 2 else "",
+            )
+        self.engine.flat.lerp_model_toward(self.engine.global_params, weight)
         self.pseudo_syncs_in_round += 1
 
     def after_sync(self, summed, sync_every: int) -> dict[str, float]:
