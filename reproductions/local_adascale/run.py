@@ -201,8 +201,10 @@ def plot_results(base: dict, results: list[dict], target: float, measured_m: dic
     ax.plot(*zip(*base["curve"]), color="black", label=base["name"])
     for r in results:
         style = "-" if "AdaScale" in r["name"] else ("--" if "linear" in r["name"] else ":")
-        ax.plot(*zip(*r["curve"]), style, label=r["name"])
+        diverged = not math.isfinite(r["curve"][-1][1]) or r["curve"][-1][1] > 10
+        ax.plot(*zip(*r["curve"]), style, label=r["name"] + (" (diverged, off the plot)" if diverged else ""))
     ax.axhline(target, color="gray", lw=0.8, label="target")
+    ax.set_ylim(0.2, 3)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer steps per worker")
