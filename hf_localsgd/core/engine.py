@@ -51,7 +51,7 @@ class RoundEngine:
         optimizer, lr_scheduler: the inner optimizer and its schedule, for the options that read or set the inner
             lr (PALSGD, lr scaling, ``sync_every_schedule="inverse_lr"``).
         total_steps: the run's length in optimizer steps, for the options that need it (ramped H schedules, a
-            decaying outer lr, the lr-scaling budget).
+            decaying outer lr, the lr-scaling budget S: the base run's steps).
         lr_warmup_steps: the inner lr schedule's warm-up, during which ``inverse_lr`` keeps H at its minimum.
         seed: seeds PALSGD's draws (with the replica's index).
         track_metrics: measure each sync (``last_metrics``); adds one float to the outer all-reduce.
