@@ -55,7 +55,8 @@ def test_readme_monitoring_names_every_metric():
 
 SHIPPED = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *(ROOT / "docs").rglob("*.md"),
            *(ROOT / "hf_localsgd").rglob("*.py"), *(ROOT / "recipes").rglob("*"), *(ROOT / "accelerate_configs").rglob("*"),
-           *(ROOT / "examples").rglob("*.py"), *(ROOT / "bench").rglob("*")]
+           *(ROOT / "examples").rglob("*.py"), *(ROOT / "bench").rglob("*"),
+           *(ROOT / "reproductions").rglob("*.md"), *(ROOT / "reproductions").rglob("*.py")]
 
 
 @pytest.mark.parametrize("path", [p for p in SHIPPED if p.is_file()], ids=lambda p: str(p.relative_to(ROOT)))
