@@ -106,7 +106,7 @@ class RoundEngine:
             options = LocalSGDOptions.from_keywords(**option_fields)
             if options.data_partition != "iid":  # (the Trainer glue builds the sampler; a plain loop, its own)
                 raise ValueError("data_partition: RoundEngine does not load data; give your DataLoader a "
-                                 "hf_localsgd.core.partition.LabelShardSampler instead")
+                                 "hf_localsgd.core.partition sampler or shards (LabelShardSampler, worst_case_shards)")
         self.options = options
         if bucket_size_mb <= 0:
             raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb}")

@@ -28,7 +28,7 @@ OUTER_LR_SCHEDULERS = ("constant", "cosine", "linear_after_plateau")
 SYNC_EVERY_SCHEDULES = ("constant", "linear", "stepwise", "inverse_lr")
 PSEUDO_SYNC_RATE_SCHEDULES = ("constant", "inverse_lr", "theorem_2")
 LR_SCALINGS = ("none", "adascale", "local_adascale")
-DATA_PARTITIONS = ("iid", "by_label")
+DATA_PARTITIONS = ("iid", "by_label", "worst_case")
 STATE_DEVICES = ("model", "cpu")
 COMM_DTYPES = ("float32", "bfloat16")
 # hf_localsgd 0.1's RoundEngine keywords: the option each is now
@@ -145,7 +145,9 @@ class LocalSGDOptions:
     data_partition: str = _option(
         "iid", "How the training data is split across workers: 'iid' (the usual distributed sampler) or "
                "'by_label': sorted by data_partition_column and cut into one contiguous shard per worker, the "
-               "pathological partition of 'Faster Convergence of Local SGD for Over-Parameterized Models'.",
+               "pathological partition of 'Faster Convergence of Local SGD for Over-Parameterized Models'; "
+               "'worst_case' (all data on one worker, none on the others, its Example 1) is for plain loops over "
+               "RoundEngine (hf_localsgd.core.partition.worst_case_shards): a Trainer's ranks must all take steps.",
         DATA_PARTITIONS,
     )
     data_partition_column: str = _option("label", "The column data_partition='by_label' sorts by.")

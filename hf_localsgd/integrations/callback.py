@@ -77,6 +77,12 @@ class LocalSGDCallback(TrainerCallback):
         check_supported(trainer, trainer.args)  # now, rather than after Trainer has prepared the model
         check_launch()
         options = config if config is not None else trainer.args
+        if getattr(options, "data_partition", "iid") == "worst_case":
+            raise ValueError(
+                "data_partition: 'worst_case' leaves all but one rank without data, and every rank of a Trainer "
+                "takes the same steps; run it in a plain loop over RoundEngine with "
+                "hf_localsgd.core.partition.worst_case_shards (an empty rank calls engine.step() only)"
+            )
         if getattr(options, "data_partition", "iid") != "iid" and not getattr(trainer, "local_sgd_partitions_data", False):
             raise ValueError(
                 f"data_partition: {options.data_partition!r} replaces the trainer's train sampler, which a callback "

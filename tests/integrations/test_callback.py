@@ -192,3 +192,10 @@ def test_attach_refuses_a_data_partition_it_cannot_build(tmp_path):
         output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True))
     with pytest.raises(ValueError, match=r"^data_partition: 'by_label' .*LocalSGDTrainerMixin"):
         LocalSGDCallback.attach(trainer, LocalSGDArguments(data_partition="by_label"))
+
+
+def test_the_worst_case_partition_is_for_plain_loops(tmp_path):
+    """data_partition='worst_case' leaves ranks without data, which a Trainer (every rank takes the same steps)
+    cannot run: attach, and so LocalSGDTrainer, say where it runs instead."""
+    with pytest.raises(ValueError, match=r"^data_partition: 'worst_case' .*worst_case_shards"):
+        LocalSGDTrainer(model=tiny_model(), args=config(tmp_path, data_partition="worst_case"), train_dataset=data())
