@@ -21,6 +21,7 @@ Routes emulated (`{type}` is `models`, `datasets` or `spaces`; `{rev}` is URL-qu
 
     GET  /api/whoami-v2
     GET  /api/agent-harnesses    (telemetry, see below: always 404, not recorded as unhandled)
+    GET  /api/organizations/{org}/overview   (always 404: no organizations; not recorded as unhandled)
     POST /api/repos/create
     POST /api/validate-yaml
     GET  /api/{type}/{namespace}/{name}                     (repo info)
@@ -48,6 +49,11 @@ Telemetry: unless `HF_HUB_DISABLE_TELEMETRY=1`, huggingface_hub 2.4.0 fetches
 the answer for a day in `$HF_HOME/.agent_harnesses.json`. The stub answers 404 on purpose, so
 that nothing gets cached from it; set `HF_HUB_DISABLE_TELEMETRY=1` (and a temporary `HF_HOME`)
 to skip the request.
+
+Organizations: online, importing a model of transformers 5.25 probes the Hub's flash-attention kernels,
+and the `kernels` package asks `/api/organizations/kernels-community/overview` whether their publisher is
+trusted. The stub has no organizations and answers 404 (no kernel is then used), as the Hub answers for an
+unknown one; it is not recorded as unhandled.
 
 Auth: write routes (create, preupload, commit) and whoami require an `Authorization: Bearer ...`
 header, like the Hub; any token is accepted unless `HubStub(token=...)` is given.
@@ -92,6 +98,7 @@ _REPO = r"(?P<type>models|datasets|spaces)/(?P<repo_id>[^/]+/[^/]+)"
 _ROUTES = [
     ("GET", r"/api/whoami-v2", "_whoami"),
     ("GET", r"/api/agent-harnesses", "_agent_harnesses"),
+    ("GET", r"/api/organizations/(?P<organization>[^/]+)/overview", "_organization_overview"),
     ("POST", r"/api/repos/create", "_create_repo"),
     ("POST", r"/api/validate-yaml", "_validate_yaml"),
     ("GET", rf"/api/{_REPO}(?:/revision/(?P<revision>[^/]+))?", "_repo_info"),
@@ -371,6 +378,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _agent_harnesses(self) -> dict:
         """Best-effort telemetry fetch (AI agent registry): a known 404, so not in `unhandled`."""
         raise HubError(404, "Not emulated by HubStub: agent harnesses registry (telemetry)")
+
+    def _organization_overview(self, organization: str) -> dict:
+        """`HfApi.get_organization_overview`: the stub has users only, so every organization is unknown."""
+        raise HubError(404, f"Organization {organization!r} not found (HubStub has no organizations)")
 
     def _create_repo(self) -> dict:
         """`HfApi.create_repo`: payload {"name", "organization", "type"?, "visibility"?/"private"?}."""
