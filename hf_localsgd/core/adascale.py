@@ -149,9 +149,11 @@ class GainRatioScaling(RoundHook):
     def before_optimizer_step(self) -> None:
         engine = self.engine
         if engine.world_size > 1 and not engine.in_warmup and engine.inner_step == 0 and self.cache is None:
-            # The gradients the optimizer uses (so after clipping) of the round's first step, and ‖g_k‖².
-            cache = torch.empty(engine.flat.numel + 1, dtype=torch.float32, device=engine.flat.device)
-            engine.flat.copy_grads(cache[:-1])
+            # The gradients the optimizer uses (so after clipping) of the round's first step, and ‖g_k‖²: of the
+            # part of the model this rank keeps the global model of (all of it, unless islands share it out).
+            owned = engine.shard.owned
+            cache = torch.empty(owned.numel + 1, dtype=torch.float32, device=owned.device)
+            owned.copy_grads(cache[:-1])
             cache[-1] = cache[:-1].dot(cache[:-1])
             self.cache = cache
 
@@ -168,9 +170,11 @@ class GainRatioScaling(RoundHook):
     def after_sync(self, summed, sync_every: int) -> dict[str, float]:
         """``sync_every`` is the H of the round that starts now, the one the new ρ scales."""
         if summed is not None:  # the cached gradients, summed (in float32) by the outer all-reduce
-            k = self.engine.world_size
-            grad_sum, mean_sq_grad = summed[:-1], summed[-1].item() / k
-            self.gain.update(mean_sq_grad, grad_sum.dot(grad_sum).item() / k**2, sync_every)
+            k, grad_sum = self.engine.world_size, summed[:-1]
+            # Sums over this rank's part of the model; its island's ranks add theirs.
+            sums = self.engine.topology.sum_within(torch.stack([summed[-1], grad_sum.dot(grad_sum)]))
+            mean_sq_grad, sq_norm_of_mean = sums[0].item() / k, sums[1].item() / k**2
+            self.gain.update(mean_sq_grad, sq_norm_of_mean, sync_every)
             self.cache = None
         else:
             self.gain.start_round(sync_every)
@@ -185,4 +189,4 @@ class GainRatioScaling(RoundHook):
     def load_state_dict(self, state: dict) -> None:
         self.gain.load_state_dict(state["gain"])
         cache = state["grad_cache"]
-        self.cache = None if cache is None else cache.to(self.engine.flat.device)
+        self.cache = None if cache is None else cache.to(self.engine.shard.owned.device)

@@ -12,20 +12,34 @@ import torch.distributed as dist
 
 from .adascale import GainRatioScaling
 from .collectives import AllReduce
-from .flat import FlatParams
 from .hooks import RoundHook
 from .options import LocalSGDOptions
 from .palsgd import PseudoSync
+from .flat import FlatParams
+from .shard import IslandShard, Replica, build_shard, is_sharded
 from .sync import OuterSync
+from .topology import Topology
+
+
+def build_islands(options: LocalSGDOptions, flat: FlatParams, group: dist.ProcessGroup | None,
+                  topology: Topology | None) -> tuple[Topology, Replica | IslandShard]:
+    """The islands (given, e.g. the mesh FSDP2 shards the model over, or cut by ``island_size``) and what of the
+    global model this rank keeps in them."""
+    if topology is not None and topology.island_size != options.island_size:
+        raise ValueError(f"island_size: the options say {options.island_size}, the islands given (the mesh the "
+                         f"model is sharded over) have {topology.island_size} ranks: make them agree")
+    topology = topology or Topology.build(options.island_size, group, flat.device.type)
+    return topology, build_shard(flat, topology, replicated_within_island=not is_sharded(flat.params))
 
 
 def build_reducer(options: LocalSGDOptions, group: dist.ProcessGroup | None) -> AllReduce:
     return AllReduce(group, options.outer_comm_dtype)
 
 
-def build_sync(options: LocalSGDOptions, flat: FlatParams, reducer: AllReduce, total_rounds: int | None) -> OuterSync:
-    state_device = flat.device if options.outer_state_device == "model" else torch.device("cpu")
-    return OuterSync(flat, reducer, options, state_device, total_rounds)
+def build_sync(options: LocalSGDOptions, shard: Replica | IslandShard, reducer: AllReduce, total_rounds: int | None,
+               topology: Topology) -> OuterSync:
+    state_device = shard.owned.device if options.outer_state_device == "model" else torch.device("cpu")
+    return OuterSync(shard, reducer, options, state_device, total_rounds, topology)
 
 
 def build_hooks(options: LocalSGDOptions, *, seed: int, total_steps: int | None) -> list[RoundHook]:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from .flat import DTensor, local_values
+
 
 if TYPE_CHECKING:
     from .engine import RoundEngine
@@ -43,6 +45,13 @@ def check_resumable(state: dict, engine: RoundEngine) -> dict[str, dict]:
     the saved state of each of this run's hooks (none for a hook switched on since)."""
     again = "resume with the settings the checkpoint was written with, or delete its local_sgd_rank*.pt files to " \
             "start new rounds from its model"
+    saved_islands = state.get("island_size", 1)  # (checkpoints before islands: every rank its own)
+    if saved_islands != engine.topology.island_size:
+        raise ValueError(
+            f"island_size: the checkpoint was written with islands of {saved_islands} ranks, this run has "
+            f"{engine.topology.island_size}: each rank resumes its part of its island's state, so resume with "
+            f"island_size={saved_islands} and as many processes"
+        )
     if state["world_size"] != engine.world_size:
         raise ValueError(
             f"Checkpoint was written by {state['world_size']} replicas, this run has {engine.world_size}: each "
@@ -76,6 +85,28 @@ def saved_hooks(state: dict) -> tuple[dict[str, dict], dict[str, dict]]:
     return hooks, hook_state
 
 
+def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with the FSDP2 shards (DTensors) of its state as this rank's local tensors: each
+    rank saves what it holds (FSDP2's own optimizer checkpoints keep one island's, the same shard of another island
+    being taken for a copy)."""
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: local_values(v) if isinstance(v, DTensor) else v for k, v in s.items()}
+                      for i, s in state["state"].items()}
+    return state
+
+
+def load_local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load what `local_optimizer_state` saved: the local tensors of a sharded parameter's state become DTensors
+    placed as the parameter is."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state dict's numbering
+    state = {**state, "state": {i: {k: DTensor.from_local(v, params[i].device_mesh, params[i].placements,
+                                                          shape=params[i].shape, stride=params[i].stride())
+                                    if isinstance(params[i], DTensor) and torch.is_tensor(v) and v.dim() > 0 else v
+                                    for k, v in s.items()}
+                                for i, s in state["state"].items()}}
+    optimizer.load_state_dict(state)
+
+
 def save_rank_state(directory: str, engine: RoundEngine, optimizer: torch.optim.Optimizer | None = None) -> str:
     """Write this rank's state into ``directory`` (created if needed); returns the file's path."""
     os.makedirs(directory, exist_ok=True)
@@ -83,7 +114,7 @@ def save_rank_state(directory: str, engine: RoundEngine, optimizer: torch.optim.
     state = {
         "engine": engine.state_dict(),
         "local_params": engine.local_params(),  # this replica's weights, also while the global model is in
-        "inner_optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "inner_optimizer": local_optimizer_state(optimizer) if optimizer is not None else None,
     }
     tmp = path + ".tmp"  # one writer per file: each rank writes its own
     try:
@@ -105,7 +136,7 @@ def load_rank_state(path: str, engine: RoundEngine, optimizer: torch.optim.Optim
     engine.load_state_dict(saved["engine"])
     engine.load_params(saved["local_params"])
     if optimizer is not None and saved["inner_optimizer"] is not None:
-        optimizer.load_state_dict(saved["inner_optimizer"])
+        load_local_optimizer_state(optimizer, saved["inner_optimizer"])
 
 
 def resume_rank_state(directories: Iterable[str | None], engine: RoundEngine,

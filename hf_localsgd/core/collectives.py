@@ -2,7 +2,8 @@
 
 `AllReduce` is the communication the sync unit (`hf_localsgd.core.sync`) calls once per bucket. It sums
 (gloo has no average) in the chosen wire dtype, and says how many bytes a rank sends for it. Without an
-initialized `torch.distributed`, or over a group of one, nothing is communicated.
+initialized `torch.distributed`, or over a group of one, nothing is communicated. `all_gather_` puts an
+island's spans of the global model together (`hf_localsgd.core.shard`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ class AllReduce:
         if self.world_size > 1:
             src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
             dist.broadcast(tensor, src=src, group=self.group)
+
+
+def all_gather_(out: torch.Tensor, part: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    """``out`` <- every rank's ``part`` of ``group``, one after the other (equal sizes)."""
+    # all_gather_single since torch 2.13, whose all_gather_into_tensor is deprecated.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, part, group=group)
 
 
 MISLAUNCH_FIX = ("On a machine without a GPU, accelerate's multi-GPU launcher does not pass the config's use_cpu on to "

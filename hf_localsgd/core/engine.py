@@ -25,14 +25,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .build import build_hooks, build_reducer, build_sync
+from .build import build_hooks, build_islands, build_reducer, build_sync
 from .checkpoint import check_resumable
 from .collectives import check_launch
 from .flat import FlatParams, keep_buffers_local, warn_about_unsynchronized_buffers
 from .hooks import RoundHook, check_hooks
-from .metrics import outer_gradient_metrics, ring_bytes
+from .metrics import outer_gradient_metrics, ring_bytes, traffic_metrics
 from .options import LocalSGDOptions
 from .schedules import build_sync_schedule, peak_lr, total_rounds
+from .shard import reshard_before_writes
+from .topology import Topology
 
 
 logger = logging.getLogger(__name__)
@@ -46,8 +48,10 @@ class RoundEngine:
             switched off: each replica's buffers are its own), or an iterable of its parameters; parameters
             without ``requires_grad`` take no part.
         options: a `LocalSGDOptions` (or `LocalSGDConfig`); or give its fields as keyword arguments instead.
-        process_group: the group whose replicas are averaged; ``None`` is the default group (no communication
-            when ``torch.distributed`` is not initialized).
+        process_group: the group whose replicas are averaged when every rank is its own island (``island_size``
+            1); ``None`` is the default group (no communication when ``torch.distributed`` is not initialized).
+        topology: the islands (`hf_localsgd.core.topology.Topology`), e.g. from the mesh FSDP2 shards over;
+            ``None`` cuts them from the default group by the options' ``island_size``.
         optimizer, lr_scheduler: the inner optimizer and its schedule, for the options that read or set the inner
             lr (PALSGD, lr scaling, ``sync_every_schedule="inverse_lr"``).
         total_steps: the run's length in optimizer steps, for the options that need it (ramped H schedules, a
@@ -73,14 +77,13 @@ class RoundEngine:
         lr_scheduler.step(); optimizer.zero_grad()
         engine.step()                            # counts the step; the outer sync when the round is complete
 
-    Also: ``sync()`` (outer step now, for a partial round), ``finish()``; ``syncs_gradients`` (whether the next
-    step must all-reduce its gradients: the data-parallel warm-up; a loop that ignores it leaves the replicas
-    apart), ``in_warmup``, ``should_stop``; the global model (``global_model()``, ``swap_in_global()`` /
-    ``restore_local()``, ``keep_current_weights()``, ``model_is_global``, ``global_model_params()``,
-    ``global_params``, ``outer_optimizer``, ``outer_lr``, ``local_params()``, ``load_params()``); ``state_dict()``
-    / ``load_state_dict()`` and ``fast_forward()``; ``hooks`` and ``hook(name)``; read-only counters
-    ``num_steps``, ``inner_step``, ``num_syncs``, ``sync_every`` (H of the round in progress), and ``world_size``,
-    ``last_metrics``, ``bytes_sent``, ``seconds_in_sync``, ``data_parallel_bytes``.
+    Also: ``sync()`` (outer step now), ``finish()``; ``syncs_gradients`` (whether the next step all-reduces its
+    gradients over all ranks: the warm-up; `hf_localsgd.core.data_parallel` switches it), ``in_warmup``,
+    ``should_stop``; the global model (``global_model()``, ``swap_in_global()`` / ``restore_local()``,
+    ``keep_current_weights()``, ``model_is_global``, ``global_model_params()``, ``global_params``,
+    ``outer_optimizer``, ``outer_lr``, ``local_params()``, ``load_params()``); ``state_dict()`` /
+    ``load_state_dict()``, ``fast_forward()``; ``hooks``, ``hook(name)``, ``topology``; counters ``num_steps``,
+    ``inner_step``, ``num_syncs``, ``sync_every`` (H now), ``world_size`` (K), ``last_metrics``, ``bytes_sent``.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class RoundEngine:
         options: LocalSGDOptions | None = None,
         *,
         process_group: dist.ProcessGroup | None = None,
+        topology: Topology | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         lr_scheduler=None,
         total_steps: int | None = None,
@@ -113,19 +117,23 @@ class RoundEngine:
         if isinstance(model, DistributedDataParallel):
             keep_buffers_local(model)
             model = model.module
-        params = model.parameters() if isinstance(model, nn.Module) else model
-        self.flat = FlatParams([p for p in params if p.requires_grad], bucket_size_mb * 2**20 / 4)
+        params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.requires_grad]
+        self.flat = FlatParams(params, bucket_size_mb * 2**20 / 4, before_write=reshard_before_writes(model))
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.peak_lr = peak_lr(optimizer, lr_scheduler)
         check_launch()
-        self.reducer = build_reducer(options, process_group)
-        self.world_size = self.reducer.world_size
-        self.replica_index = dist.get_rank() if dist.is_initialized() else 0  # (unique across groups too)
+        self.topology, self.shard = build_islands(options, self.flat, process_group, topology)
+        self.reducer = build_reducer(options, self.topology.across)
+        self.world_size = self.topology.num_islands  # K: the replicas of the round
+        self.replica_index = self.topology.replica_index
+        # what data parallelism sends per step: an all-reduce of the whole replica over every rank
+        self._step_bytes = ring_bytes(self.shard.replica_bytes, self.world_size * self.topology.island_size)
         self.warmup_steps = options.local_sgd_warmup_steps
         self.track_metrics = track_metrics
 
         self._schedule = schedule or build_sync_schedule(options, total_steps, optimizer, self.peak_lr, lr_warmup_steps)
-        self.outer = build_sync(options, self.flat, self.reducer, total_rounds(options, self._schedule, total_steps))
+        self.outer = build_sync(options, self.shard, self.reducer, total_rounds(options, self._schedule, total_steps),
+                                self.topology)
 
         self.hooks = [*build_hooks(options, seed=seed, total_steps=total_steps), *hooks]
         check_hooks(self.hooks)
@@ -142,6 +150,7 @@ class RoundEngine:
         self._announce(model)
 
     def _announce(self, model) -> None:
+        self.topology.warn_if_single_island()
         if self.world_size > 1:
             self.outer.broadcast()
             if isinstance(model, nn.Module) and self.replica_index == 0:
@@ -163,7 +172,7 @@ class RoundEngine:
 
     @property
     def syncs_gradients(self) -> bool:
-        """Whether the *next* inner step must all-reduce its gradients (warm-up), i.e. run as plain DDP."""
+        """Whether the *next* inner step must all-reduce its gradients over all ranks (the warm-up)."""
         return self.in_warmup
 
     @property
@@ -172,7 +181,8 @@ class RoundEngine:
 
     @property
     def global_params(self) -> torch.Tensor:
-        """The flat float32 global model the replicas start each round from (y for schedule-free)."""
+        """The flat float32 global model the replicas start each round from (y for schedule-free): the part this
+        rank keeps (`hf_localsgd.core.shard`), all of it unless it is a rank of a DDP island."""
         return self.outer.global_params
 
     @property
@@ -220,7 +230,7 @@ class RoundEngine:
             hook.end_step()
         self._num_steps += 1
         if self._num_steps <= self.warmup_steps:
-            self.bytes_sent += ring_bytes(self.flat.bytes, self.world_size)  # DDP's gradient all-reduce
+            self.bytes_sent += self._step_bytes  # DDP's gradient all-reduce
             if self._num_steps == self.warmup_steps:
                 self.outer.reset_from_model()  # local rounds start from the warmed-up model
                 self._start_round()
@@ -263,18 +273,15 @@ class RoundEngine:
             part = None if payload is None else summed[offset : offset + payload.numel()]
             offset += 0 if payload is None else payload.numel()
             metrics.update(hook.after_sync(part, self._sync_every))
-        sent = self.reducer.bytes_sent(self.flat.numel, int(self.track_metrics) + (0 if tail is None else tail.numel()))
+        sent = self.reducer.bytes_sent(self.outer.flat.numel,
+                                       int(self.track_metrics) + (0 if tail is None else tail.numel()))
         self.bytes_sent += sent
         if self.track_metrics:  # .tolist() waits for the device, so the timing includes the device's work
-            mean_sq_norm, sq_norm_of_mean = norms.tolist()
             self.last_metrics = {
                 "round": self._num_syncs, "sync_every": ended, "outer_lr": outer_lr,
-                **outer_gradient_metrics(mean_sq_norm, sq_norm_of_mean, self.world_size),
-                "sync_seconds": time.perf_counter() - started, "bytes_sent": sent,
-                "bytes_total": self.bytes_sent, "ddp_bytes_total": self.data_parallel_bytes, **metrics,
+                **outer_gradient_metrics(*norms.tolist(), self.world_size), "sync_seconds": time.perf_counter() - started,
+                **traffic_metrics(sent, self.bytes_sent, self.data_parallel_bytes), **metrics,
             }
-            if self.data_parallel_bytes > 0:
-                self.last_metrics["bytes_vs_ddp"] = self.bytes_sent / self.data_parallel_bytes
         # Host wall-clock time; on an accelerator without metrics, work still queued is not in it.
         self.seconds_in_sync += time.perf_counter() - started
         return True
@@ -283,13 +290,13 @@ class RoundEngine:
         """End of training: synchronize the last, partial round and leave the global model (schedule-free: its
         averaged x) in the model for good. Returns whether a synchronization happened."""
         synced = self.sync()
-        self.flat.copy_to_model(self.outer.eval_params())
+        self.shard.write(self.outer.eval_params())
         return synced
 
     @property
     def data_parallel_bytes(self) -> float:
         """What this rank would have sent so far under data-parallel training: one gradient all-reduce a step."""
-        return self._num_steps * ring_bytes(self.flat.bytes, self.world_size)
+        return self._num_steps * self._step_bytes
 
     # ------------------------------------------------------------------ the global model, for eval and saving
     @property
@@ -300,8 +307,9 @@ class RoundEngine:
         return self._inner_step == 0 and not self.outer.eval_differs
 
     def global_model_params(self) -> torch.Tensor:
-        """The global model to evaluate and save, flat: x_r, or the averaged x for schedule-free."""
-        return self.outer.eval_params()
+        """The global model to evaluate and save, flat: x_r, or the averaged x for schedule-free. (Inside a DDP
+        island its ranks all-gather their parts: all must call it.)"""
+        return self.shard.gather(self.outer.eval_params())
 
     def local_params(self) -> torch.Tensor:
         """This replica's current weights, flat float32 on the state device (set aside while the global model is
@@ -328,7 +336,7 @@ class RoundEngine:
         keeping this replica's weights aside. Idempotent."""
         if not self.model_is_global:
             self._local_backup = self.local_params()
-            self.flat.copy_to_model(self.outer.eval_params())
+            self.shard.write(self.outer.eval_params())
 
     def restore_local(self) -> None:
         """This replica's weights back into the model after `swap_in_global`. Idempotent."""
@@ -351,10 +359,11 @@ class RoundEngine:
     def state_dict(self) -> dict:
         """The engine's state: position in training, global model, outer optimizer, and each hook's state
         (the replica's own weights and inner optimizer are saved beside it, `hf_localsgd.core.checkpoint`)."""
-        state = {
+        return {
             "outer_optimizer_name": self.options.outer_optimizer,
             "sync_every": self._sync_every,  # of the round in progress
             "world_size": self.world_size,
+            **self.topology.state(),
             "num_steps": self._num_steps,
             "inner_step": self._inner_step,
             "num_syncs": self._num_syncs,
@@ -364,7 +373,6 @@ class RoundEngine:
             "hook_state": {hook.name: hook.state_dict() for hook in self.hooks},
             **self.outer.state_dict(),
         }
-        return state
 
     def load_state_dict(self, state: dict) -> None:
         hook_state = check_resumable(state, self)

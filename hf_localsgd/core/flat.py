@@ -1,101 +1,187 @@
-"""A model's trainable parameters seen as one flat vector, cut into buckets.
+"""A model's trainable parameters seen as one flat vector, cut into buckets; or a contiguous part of it.
 
 The global model, the outer gradient and the outer-optimizer state are single flat float32 tensors in this
 layout (parameter after parameter, in the model's order), so that an outer step is a few fused vector
-operations and a collective moves one contiguous buffer per bucket. Buckets are contiguous runs of whole
+operations and a collective moves one contiguous buffer per bucket. Buckets are contiguous runs of
 parameters of about `bucket_numel` elements: one collective each, and, with the state offloaded to the host,
 the most of the outer gradient that exists on the device at once.
+
+A layout may cover a part ``[start, end)`` of the vector only (`FlatParams.part`): the rank of an island that
+keeps the global model and outer state for 1/island_size of the parameters (`hf_localsgd.core.shard`). Its
+first and last parameters may then be cut: a *piece* is the run of a parameter's flattened elements that the
+layout covers. Parameters sharded by FSDP2 (DTensors) contribute the shard this rank holds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import logging
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.5
+    from torch.distributed._tensor import DTensor
+
+
 logger = logging.getLogger(__name__)
+
+
+def local_values(t: torch.Tensor) -> torch.Tensor:
+    """The values of ``t`` this rank holds: the local shard of an FSDP2 (DTensor) parameter or gradient, else
+    ``t`` itself; detached, sharing its storage (writes land in the parameter)."""
+    return (t.to_local() if isinstance(t, DTensor) else t).detach()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements ``[lo, hi)`` of ``param`` flattened, at ``[start, start + hi - lo)`` of the layout."""
+
+    param: nn.Parameter
+    lo: int
+    hi: int
+    start: int
+
+    @property
+    def numel(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def whole(self) -> bool:
+        return self.lo == 0 and self.hi == local_values(self.param).numel()
+
+    def of(self, t: torch.Tensor) -> torch.Tensor:
+        """This piece of a tensor shaped like the parameter (the parameter's values, its gradient)."""
+        values = local_values(t)
+        return values if self.whole else values.view(-1)[self.lo : self.hi]
+
+    def view(self, flat: torch.Tensor, offset: int) -> torch.Tensor:
+        """The piece's place in ``flat`` (a tensor of the layout from element ``offset`` on), shaped like it."""
+        v = flat[self.start - offset : self.start - offset + self.numel]
+        return v.view_as(local_values(self.param)) if self.whole else v
 
 
 @dataclass(frozen=True)
 class Bucket:
     start: int
     end: int
-    params: list[nn.Parameter]
+    pieces: list[Piece]
 
     @property
     def numel(self) -> int:
         return self.end - self.start
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The model's values of the bucket's pieces (write into them to change the model)."""
+        return [piece.of(piece.param) for piece in self.pieces]
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``flat`` (the bucket's span of a layout tensor) shaped like the pieces."""
+        return [piece.view(flat, self.start) for piece in self.pieces]
+
 
 class FlatParams:
-    """The flat layout of ``params``: views of flat tensors shaped like the parameters, and copies between
-    the parameters and a flat tensor. Empty parameters carry nothing and are left out."""
+    """The flat layout of ``params`` (or of the span ``[start, end)`` of their concatenation): views of flat
+    tensors shaped like the parameters, and copies between the parameters and a flat tensor. Empty parameters
+    carry nothing and are left out."""
 
-    def __init__(self, params, bucket_numel: float):
-        self.params = [p for p in params if p.numel() > 0]
+    def __init__(self, params, bucket_numel: float, start: int = 0, end: int | None = None, before_write=None):
+        self.before_write = before_write  # called before the model's values are written (FSDP2: reshard first)
+        self.params = [p for p in params if local_values(p).numel() > 0]
         if not self.params:
-            raise ValueError("The model has no trainable parameters")
-        devices = {p.device for p in self.params}
+            raise ValueError("The model has no trainable parameters (on this rank)")
+        devices = {local_values(p).device for p in self.params}
         if len(devices) != 1:
             raise ValueError(f"All trainable parameters must live on one device, found {sorted(map(str, devices))}")
         self.device = devices.pop()
-        self._numels = [p.numel() for p in self.params]
-        self.numel = sum(self._numels)
-        self.bytes = sum(p.numel() * p.element_size() for p in self.params)  # in the parameters' own dtypes
+        self.bucket_numel = bucket_numel
+        self.total_numel = sum(local_values(p).numel() for p in self.params)  # of the whole vector
+        self.start, self.end = start, self.total_numel if end is None else end
+        self.numel = self.end - self.start
+        self.pieces = self._cut()
+        self.bytes = sum(piece.numel * piece.param.element_size() for piece in self.pieces)  # in their own dtypes
         self.buckets = self._make_buckets(bucket_numel)
 
+    def _cut(self) -> list[Piece]:
+        pieces, offset = [], 0
+        for p in self.params:
+            n = local_values(p).numel()
+            lo, hi = max(self.start - offset, 0), min(self.end - offset, n)
+            if lo < hi:
+                if (lo, hi) != (0, n) and not local_values(p).is_contiguous():
+                    raise ValueError("A layout that cuts a parameter needs it contiguous")
+                pieces.append(Piece(p, lo, hi, offset + lo))
+            offset += n
+        return pieces
+
     def _make_buckets(self, bucket_numel: float) -> list[Bucket]:
-        buckets, start, members, size = [], 0, [], 0
-        for p, n in zip(self.params, self._numels):
-            if members and size + n > bucket_numel:
+        buckets, start, members, size = [], self.start, [], 0
+        for piece in self.pieces:
+            if members and size + piece.numel > bucket_numel:
                 buckets.append(Bucket(start, start + size, members))
                 start, members, size = start + size, [], 0
-            members.append(p)
-            size += n
+            members.append(piece)
+            size += piece.numel
         buckets.append(Bucket(start, start + size, members))
         return buckets
 
-    def views(self, flat: torch.Tensor, start: int = 0, end: int | None = None) -> list[torch.Tensor]:
-        """Views of ``flat`` (which covers [start, end) of the layout) shaped like the parameters there."""
-        end = self.numel if end is None else end
-        out, offset = [], 0
-        for p, n in zip(self.params, self._numels):
-            if offset + n > start and offset < end:
-                out.append(flat[offset - start : offset - start + n].view_as(p))
-            offset += n
-        return out
+    def part(self, index: int, count: int) -> FlatParams:
+        """The layout of the ``index``-th of ``count`` equal spans of this one (the last ones may be shorter,
+        even empty), with the same bucket size."""
+        chunk = self.chunk(count)
+        start = min(self.start + index * chunk, self.end)
+        return FlatParams(self.params, self.bucket_numel, start, min(start + chunk, self.end), self.before_write)
+
+    def chunk(self, count: int) -> int:
+        """The length of each of ``count`` equal spans of the layout (the last padded)."""
+        return math.ceil(self.numel / count)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``flat`` (a tensor of the whole layout) shaped like the pieces."""
+        return [piece.view(flat, self.start) for piece in self.pieces]
 
     def empty(self, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.empty(self.numel, dtype=torch.float32, device=self.device if device is None else device)
 
+    def _bucket_span(self, flat: torch.Tensor, b: Bucket) -> torch.Tensor:
+        return flat[b.start - self.start : b.end - self.start]
+
     @torch.no_grad()
     def copy_from_model(self, flat: torch.Tensor) -> None:
         for b in self.buckets:
-            torch._foreach_copy_(self.views(flat[b.start : b.end], b.start, b.end), [p.detach() for p in b.params])
+            torch._foreach_copy_(b.views(self._bucket_span(flat, b)), b.tensors())
+
+    def _writing(self) -> None:
+        if self.before_write is not None:
+            self.before_write()
 
     @torch.no_grad()
     def copy_to_model(self, flat: torch.Tensor) -> None:
+        self._writing()
         for b in self.buckets:
-            src = flat[b.start : b.end].to(self.device, non_blocking=True)
-            torch._foreach_copy_([p.data for p in b.params], self.views(src, b.start, b.end))
+            src = self._bucket_span(flat, b).to(self.device, non_blocking=True)
+            torch._foreach_copy_(b.tensors(), b.views(src))
 
     @torch.no_grad()
     def lerp_model_toward(self, flat: torch.Tensor, weight: float) -> None:
         """p <- p + weight (target - p) for every parameter, the target taken from ``flat`` in p's dtype."""
+        self._writing()
         for b in self.buckets:
-            src = flat[b.start : b.end].to(self.device, non_blocking=True)
-            targets = [v.to(p.dtype) for v, p in zip(self.views(src, b.start, b.end), b.params)]
-            torch._foreach_lerp_([p.data for p in b.params], targets, weight)
+            src = self._bucket_span(flat, b).to(self.device, non_blocking=True)
+            tensors = b.tensors()
+            targets = [v.to(t.dtype) for v, t in zip(b.views(src), tensors)]
+            torch._foreach_lerp_(tensors, targets, weight)
 
     @torch.no_grad()
     def copy_grads(self, flat: torch.Tensor) -> None:
         """The parameters' gradients into ``flat`` (zeros where a parameter has none)."""
         flat.zero_()
-        pairs = [(v, p.grad) for v, p in zip(self.views(flat), self.params) if p.grad is not None]
+        pairs = [(piece.view(flat, self.start), piece.of(piece.param.grad)) for piece in self.pieces
+                 if piece.param.grad is not None]
         if pairs:
             torch._foreach_copy_([v for v, _ in pairs], [g for _, g in pairs])
 

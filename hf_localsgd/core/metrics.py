@@ -60,6 +60,14 @@ def outer_gradient_metrics(mean_sq_norm: float, sq_norm_of_mean: float, world_si
     return metrics
 
 
+def traffic_metrics(sent: float, total: float, data_parallel_total: float) -> dict[str, float]:
+    """The bytes of one sync, of all so far, and what data-parallel training would have sent."""
+    metrics = {"bytes_sent": sent, "bytes_total": total, "ddp_bytes_total": data_parallel_total}
+    if data_parallel_total > 0:
+        metrics["bytes_vs_ddp"] = total / data_parallel_total
+    return metrics
+
+
 def format_bytes(n: float) -> str:
     """``n`` bytes in the unit that fits (B, kB, MB, GB, TB; powers of 1000), 3 significant digits."""
     for unit in ("B", "kB", "MB", "GB"):

@@ -47,6 +47,8 @@ class LocalSGDOptions:
 
     The round:
         sync_every, sync_every_schedule, sync_every_min, sync_every_stages, local_sgd_warmup_steps
+    Islands (data parallelism inside a group of ranks, the round across groups):
+        island_size
     The outer step:
         outer_optimizer, outer_lr, outer_momentum, outer_lr_scheduler, outer_lr_plateau_fraction,
         outer_state_device, outer_comm_dtype
@@ -76,6 +78,13 @@ class LocalSGDOptions:
     local_sgd_warmup_steps: int = _option(
         0, "Ordinary synchronous data-parallel steps (gradients all-reduced) before local rounds begin "
            "(post-local SGD; PALSGD used 1024 on TinyStories)."
+    )
+    # --- islands
+    island_size: int = _option(
+        1, "Ranks per island: consecutive ranks that train one replica together with synchronous data parallelism "
+           "(DDP, or FSDP2 sharding the model inside the island) on every step, while islands run the round "
+           "between them (one outer all-reduce every H steps). Set it to the GPUs per node for one island per "
+           "node. 1: every rank is its own replica. The number of processes must be a multiple of it."
     )
     # --- the outer step
     outer_optimizer: str = _option(
@@ -182,6 +191,7 @@ class LocalSGDOptions:
             choice(name, choices)
         integer("sync_every", 1)
         integer("local_sgd_warmup_steps", 0)
+        integer("island_size", 1)
         if self.sync_every_schedule != "constant":
             integer("sync_every_min", 1)
             if self.sync_every_min > self.sync_every:

@@ -102,7 +102,7 @@ class PseudoSync(RoundHook):
                 "pseudo_sync_rate_schedule='theorem_2' (a weight of 1/(2H))", weight,
                 " and, above 2, moves the replica farther away each time (it diverges)" if weight > 2 else "",
             )
-        self.engine.flat.lerp_model_toward(self.engine.global_params, weight)
+        self.engine.shard.pull_toward(self.engine.global_params, weight)
         self.pseudo_syncs_in_round += 1
 
     def after_sync(self, summed, sync_every: int) -> dict[str, float]:

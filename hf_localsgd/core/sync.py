@@ -18,24 +18,30 @@ from __future__ import annotations
 import torch
 
 from .collectives import AllReduce
-from .flat import FlatParams
 from .options import LocalSGDOptions
 from .outer import ScheduleFreeSGD, build_outer_optimizer, build_outer_scheduler, outer_step
+from .shard import IslandShard, Replica
+from .topology import Topology
 
 
 class OuterSync:
-    """The global model of ``flat``'s parameters and the blocking outer step over ``reducer``'s replicas."""
+    """The global model of ``shard.owned``'s parameters and the blocking outer step over ``reducer``'s replicas.
 
-    def __init__(self, flat: FlatParams, reducer: AllReduce, options: LocalSGDOptions,
-                 state_device: torch.device, total_rounds: int | None):
-        self.flat, self.reducer = flat, reducer
+    ``shard`` (`hf_localsgd.core.shard`) says what this rank keeps: the whole replica, or its span of an island's
+    replica, which the island's ranks put together after the step. ``topology`` sums the statistics of those
+    spans inside the island."""
+
+    def __init__(self, shard: Replica | IslandShard, reducer: AllReduce, options: LocalSGDOptions,
+                 state_device: torch.device, total_rounds: int | None, topology: Topology | None = None):
+        self.shard, self.flat, self.reducer = shard, shard.owned, reducer
+        self.topology = topology
         self.state_device = state_device
-        self.global_params = flat.empty(state_device)
+        self.global_params = self.flat.empty(state_device)
         self.optimizer = build_outer_optimizer(options.outer_optimizer, [self.global_params],
                                                options.outer_lr, options.outer_momentum)
         self.scheduler = build_outer_scheduler(self.optimizer, options.outer_lr_scheduler, total_rounds,
                                                options.outer_lr_plateau_fraction)
-        flat.copy_from_model(self.global_params)
+        self.flat.copy_from_model(self.global_params)
 
     @property
     def lr(self) -> float:
@@ -47,10 +53,11 @@ class OuterSync:
         """Make the global copy and the model identical on every replica (the group's first rank's), so that
         a loop without DDP's initial broadcast cannot drift silently."""
         for b in self.flat.buckets:
-            buf = self.global_params[b.start : b.end].to(self.flat.device)
+            span = self.global_params[b.start - self.flat.start : b.end - self.flat.start]
+            buf = span.to(self.flat.device)
             self.reducer.broadcast_(buf)
-            self.global_params[b.start : b.end].copy_(buf)
-        self.flat.copy_to_model(self.global_params)
+            span.copy_(buf)
+        self.shard.write(self.global_params)
 
     def reset_from_model(self) -> None:
         """The model's weights become the global model (after the warm-up: DDP kept them identical)."""
@@ -58,7 +65,8 @@ class OuterSync:
 
     @torch.no_grad()
     def eval_params(self) -> torch.Tensor:
-        """The global model to evaluate and save, flat: x_r, or the averaged x for schedule-free."""
+        """The global model to evaluate and save, flat, this rank's part: x_r, or the averaged x for
+        schedule-free."""
         if isinstance(self.optimizer, ScheduleFreeSGD):
             return self.optimizer.averaged(self.global_params)
         return self.global_params
@@ -79,12 +87,14 @@ class OuterSync:
         norms = None
         if measure:  # taken before the step, which may divide `delta` in place
             norms = torch.stack([tail_sum[0] / k, delta.dot(delta) / k**2])
+            if self.topology is not None:  # this rank's span's share: the island's ranks add theirs
+                norms = self.topology.sum_within(norms.to(self.flat.device))
             tail_sum = tail_sum[1:]
         self.global_params.grad = delta
         outer_step(self.optimizer, grad_divisor=k)
         self.scheduler.step()
         self.global_params.grad = None
-        self.flat.copy_to_model(self.global_params)
+        self.shard.write(self.global_params)
         return (tail_sum if tail is not None else None), norms
 
     def _outer_gradient(self, tail: torch.Tensor | None, measure: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,27 +109,28 @@ class OuterSync:
         on_model_device = self.state_device == flat.device
         sq_norm = None
         for b in flat.buckets:
-            last = b.end == numel
-            stop = b.end + (tail_numel if last and fused else 0)
-            buf = delta[b.start : stop] if on_model_device else torch.empty(stop - b.start, device=flat.device)
+            start, end = b.start - flat.start, b.end - flat.start  # (the layout may be a span: IslandShard)
+            last = end == numel
+            stop = end + (tail_numel if last and fused else 0)
+            buf = delta[start:stop] if on_model_device else torch.empty(stop - start, device=flat.device)
             body = buf[: b.numel]
-            global_ = self.global_params[b.start : b.end].to(flat.device, non_blocking=True)
+            global_ = self.global_params[start:end].to(flat.device, non_blocking=True)
             # x_r - x_k straight into the flat buffer: one pass per parameter, no flat copy of x_k first.
-            for g, p, d in zip(flat.views(global_, b.start, b.end), b.params, flat.views(body, b.start, b.end)):
+            for g, p, d in zip(b.views(global_), b.tensors(), b.views(body)):
                 if p.dtype == torch.float32:
-                    torch.sub(g, p.detach(), out=d)
+                    torch.sub(g, p, out=d)
                 else:
                     # A bfloat16/float16 replica started from x_r rounded to its dtype: Δ_k is its move from
                     # there. (x_r - x_k would also hand the rounding residual to the outer optimizer every round,
                     # where momentum accumulates it.) The float32 x_r keeps what the replicas cannot represent.
-                    d.copy_(g.to(p.dtype)).sub_(p.detach())
+                    d.copy_(g.to(p.dtype)).sub_(p)
             if measure:
                 sq_norm = body.dot(body) if sq_norm is None else sq_norm + body.dot(body)
             if last and fused:
                 self._fill_tail(buf[b.numel :], sq_norm, tail)
             summed = self.reducer.sum_(buf)
             if summed is not buf or not on_model_device:
-                delta[b.start : stop].copy_(summed)
+                delta[start:stop].copy_(summed)
         if tail_numel and not fused:
             buf = delta[numel:] if on_model_device else torch.empty(tail_numel, device=flat.device)
             self._fill_tail(buf, sq_norm, tail)
@@ -143,8 +154,8 @@ class OuterSync:
 
     def load_state_dict(self, state: dict) -> None:
         if state["global_params"].numel() != self.flat.numel:
-            raise ValueError(f"Checkpoint holds {state['global_params'].numel()} global parameters, the model "
-                             f"has {self.flat.numel}")
+            raise ValueError(f"Checkpoint holds {state['global_params'].numel()} global parameters for this rank, "
+                             f"which keeps {self.flat.numel}")
         self.global_params.copy_(state["global_params"])
         self.optimizer.load_state_dict(state["outer_optimizer"])
         self.scheduler.load_state_dict(state["outer_scheduler"])

@@ -28,12 +28,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..core.checkpoint import STATE_FILE, resume_rank_state, save_rank_state
 from ..core.collectives import check_launch
+from ..core.data_parallel import gradient_sync
 from ..core.engine import RoundEngine
 from ..core.metrics import PREFIX
 from . import console
 from .config import LocalSGDArguments
 from .local_metrics import LocalGathers
-from .parallel import check_supported, find_gradient_sync
+from .parallel import check_supported, find_wrapper
 
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,12 @@ class LocalSGDCallback(TrainerCallback):
                 f"cannot do: train with LocalSGDTrainer, or give {type(trainer).__name__} the local-SGD overrides "
                 f"(class MyTrainer(LocalSGDTrainerMixin, {type(trainer).__name__})), or use data_partition='iid'"
             )
+        if getattr(trainer, "is_fsdp_enabled", False) and not getattr(trainer, "local_sgd_shards_islands", False):
+            raise ValueError(
+                f"island_size: FSDP2 inside islands shards the model before Trainer prepares it, which a callback "
+                f"cannot do: train with LocalSGDTrainer, or give {type(trainer).__name__} the local-SGD overrides "
+                f"(class MyTrainer(LocalSGDTrainerMixin, {type(trainer).__name__}))"
+            )
         if getattr(options, "lr_scaling", "none") != "none" and not getattr(trainer, "local_sgd_stretches_schedule", False):
             raise ValueError(
                 f"lr_scaling: trains for the base run's budget of scale-invariant steps, which may take more steps "
@@ -118,8 +125,17 @@ class LocalSGDCallback(TrainerCallback):
             )
         check_supported(self.trainer, args)
         self._warn_if_pushed_checkpoints_lack_state(args)
-        self._gradient_sync = find_gradient_sync(self.trainer, model, self._world_size)
-        self._check_per_step_communication(args, config)
+        wrapper = find_wrapper(self.trainer, model, self._world_size)
+        self._check_per_step_communication(args, config, wrapper)
+        # lr scaling: the base run's steps, which the lr schedule is built for (state.max_steps is the loop bound).
+        total_steps = getattr(self.trainer, "local_sgd_budget", None) or state.max_steps
+        self.engine = RoundEngine(
+            model, config, process_group=self.process_group, optimizer=optimizer,
+            lr_scheduler=getattr(lr_scheduler, "scheduler", lr_scheduler),  # (Accelerate's wrapper, if any)
+            total_steps=total_steps, lr_warmup_steps=args.get_warmup_steps(total_steps), seed=args.seed,
+            track_metrics=args.logging_strategy != "no", topology=getattr(self.trainer, "local_sgd_topology", None),
+        )
+        self._gradient_sync = None if wrapper is None else gradient_sync(wrapper, self.engine.topology)
         if self._gradient_sync is not None and hasattr(self.trainer, "accelerator"):
             self._local_gathers = LocalGathers(self.trainer.accelerator, self._world_size)
         self._train_started = time.perf_counter()
@@ -127,34 +143,36 @@ class LocalSGDCallback(TrainerCallback):
         self.training = True
         handler = getattr(self.trainer, "callback_handler", None)
         self._progress = next((cb for cb in handler.callbacks if isinstance(cb, ProgressCallback)), None) if handler else None
-
-        # lr scaling: the base run's steps, which the lr schedule is built for (state.max_steps is the loop bound).
-        total_steps = getattr(self.trainer, "local_sgd_budget", None) or state.max_steps
-        self.engine = RoundEngine(
-            model, config, process_group=self.process_group, optimizer=optimizer,
-            lr_scheduler=getattr(lr_scheduler, "scheduler", lr_scheduler),  # (Accelerate's wrapper, if any)
-            total_steps=total_steps, lr_warmup_steps=args.get_warmup_steps(total_steps), seed=args.seed,
-            track_metrics=args.logging_strategy != "no",
-        )
         if state.global_step > 0:
             self._resume(args, state, optimizer)
         self._set_gradient_sync()
         if hasattr(model, "add_model_tags"):
             model.add_model_tags([MODEL_TAG])
-        logger.info("Local SGD: %d replicas, outer optimizer %s (lr %s), H=%d (%s), %d warm-up steps",
-                    self.engine.world_size, config.outer_optimizer, self.engine.outer_lr, config.sync_every,
+        logger.info("Local SGD: %d replicas (islands of %d ranks), outer optimizer %s (lr %s), H=%d (%s), %d warm-up "
+                    "steps", self.engine.world_size, config.island_size, config.outer_optimizer, self.engine.outer_lr, config.sync_every,
                     config.sync_every_schedule, config.local_sgd_warmup_steps)
 
-    def _check_per_step_communication(self, args, config) -> None:
+    def _check_per_step_communication(self, args, config, wrapper) -> None:
         """Trainer options that would communicate in every inner step: turned off, or warned about."""
-        if self._gradient_sync is None and self._world_size > 1 and config.local_sgd_warmup_steps > 0:
+        if wrapper is None and config.island_size > 1:
+            raise RuntimeError(
+                f"island_size={config.island_size}: the ranks of an island all-reduce their gradients through "
+                "DistributedDataParallel, but Trainer did not wrap the model in it; launch the processes with "
+                "`accelerate launch --multi_gpu` (or use island_size=1)"
+            )
+        if wrapper is None and self._world_size > 1 and config.local_sgd_warmup_steps > 0:
             raise RuntimeError(
                 f"local_sgd_warmup_steps={config.local_sgd_warmup_steps} runs synchronous data-parallel steps, but "
                 "Trainer did not wrap the model in DistributedDataParallel, so nothing would all-reduce their "
                 "gradients and the replicas would drift apart: set local_sgd_warmup_steps=0"
             )
-        if self._gradient_sync is None:
+        if wrapper is None:
             return
+        if config.island_size > 1 and getattr(wrapper, "find_unused_parameters", False):
+            raise RuntimeError(
+                "ddp_find_unused_parameters: DDP searches for unused parameters, which all-reduces a map of them over "
+                "all ranks in every backward, across islands: set ddp_find_unused_parameters=False"
+            )
         if getattr(args, "average_tokens_across_devices", False):
             logger.warning("Local SGD: setting average_tokens_across_devices=False (an all-gather on every step)")
             args.average_tokens_across_devices = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .config import LocalSGDArguments
 
 
-def method_card_section(config: LocalSGDArguments, world_size: int) -> str:
+def method_card_section(config: LocalSGDArguments, workers: int) -> str:
     """Markdown describing the outer optimization, appended to the Trainer's model card."""
     names = {"average": "Local SGD (parameter averaging)", "nesterov": "DiLoCo (Nesterov outer momentum)",
              "schedule_free": "schedule-free SGD outer optimizer"}
@@ -16,7 +16,8 @@ def method_card_section(config: LocalSGDArguments, world_size: int) -> str:
         ("outer_momentum", config.resolved_outer_momentum),
         ("outer_lr_scheduler", config.outer_lr_scheduler),
         ("sync_every (H)", config.sync_every),
-        ("workers", world_size),
+        ("workers", workers),
+        ("island_size", config.island_size),
         ("local_sgd_warmup_steps", config.local_sgd_warmup_steps),
         ("outer_comm_dtype", config.outer_comm_dtype),
     ]

@@ -21,7 +21,15 @@ from ..core.options import LocalSGDOptions
 @dataclass
 class LocalSGDArguments(LocalSGDOptions):
     """`LocalSGDOptions` as a mixin for a `TrainingArguments` subclass: its `__post_init__` also checks the
-    options against the trainer's fields (a warm-up longer than `max_steps`, sharding, fp16 with PALSGD)."""
+    options against the trainer's fields (a warm-up longer than `max_steps`, sharding without islands, fp16 with
+    PALSGD)."""
+
+    def __post_init__(self):
+        # Islands: DDP's search for unused parameters all-reduces a map of them over all ranks in every backward,
+        # across islands; Trainer turns it on for most models unless told.
+        if self.island_size > 1 and hasattr(self, "ddp_find_unused_parameters") and self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
+        super().__post_init__()
 
     def validate_options(self) -> None:
         super().validate_options()
@@ -39,8 +47,19 @@ class LocalSGDArguments(LocalSGDOptions):
         # Sharded or engine-managed data parallelism synchronizes (or shards) what local SGD keeps local.
         if getattr(self, "deepspeed", None):
             fail("deepspeed", "DeepSpeed manages gradient reduction itself; local SGD needs plain DDP (unset it)")
+        if self.island_size > 1 and getattr(self, "ddp_find_unused_parameters", None):
+            fail("ddp_find_unused_parameters", "DDP's search for unused parameters all-reduces a map of them over all "
+                 "ranks in every backward, across islands: set it to False with island_size > 1 (every parameter "
+                 "must then take part in each step's loss)")
         if getattr(self, "fsdp", None):
-            fail("fsdp", "FSDP shards parameters over all ranks; local SGD needs a full replica per rank (unset it)")
+            if self.island_size == 1:
+                fail("fsdp", "FSDP would shard the model over all ranks, while local SGD keeps one replica per "
+                     "worker: set island_size to the ranks per node (FSDP2 inside each island, the round across "
+                     "islands), or unset fsdp")
+            fsdp_config = getattr(self, "fsdp_config", None)  # (a path is read by TrainingArguments, later)
+            version = int(fsdp_config.get("version", 2)) if isinstance(fsdp_config, dict) else 2
+            if version != 2:
+                fail("fsdp_config", f"islands shard with FSDP2; got version {version}: set fsdp_config's version to 2")
 
 
 @dataclass

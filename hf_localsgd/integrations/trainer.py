@@ -35,6 +35,7 @@ from ..core.partition import LabelShardSampler
 from .callback import MODEL_TAG, LocalSGDCallback
 from .card import method_card_section
 from .config import LocalSGDArguments, LocalSGDConfig
+from .parallel import shard_inside_islands
 
 
 class LocalSGDTrainerMixin:
@@ -45,6 +46,7 @@ class LocalSGDTrainerMixin:
     local_sgd_partitions_data = True  # _get_train_sampler
     local_sgd_writes_state_before_push = True  # _save_checkpoint
     local_sgd_stretches_schedule = True  # set_initial_training_values, create_scheduler
+    local_sgd_shards_islands = True  # __init__: FSDP2 inside islands
     local_sgd_budget: int | None = None  # lr scaling: the base run's steps S, which the lr schedule is built for
 
     def __init__(self, model=None, args=None, *posargs, **kwargs):
@@ -57,6 +59,8 @@ class LocalSGDTrainerMixin:
             )
         super().__init__(model, args, *posargs, **kwargs)
         self.local_sgd = LocalSGDCallback.attach(self)
+        # FSDP2 inside islands: sharded over the island before Accelerate prepares the model (which then keeps it).
+        self.local_sgd_topology = shard_inside_islands(self, args.island_size) if self.is_fsdp_enabled else None
         self._last_loss = torch.zeros((), device=self.args.device)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -80,8 +84,9 @@ class LocalSGDTrainerMixin:
         if args.lr_scaling == "none":
             return values
         num_train_epochs, steps_per_epoch, max_steps = values[0], values[1], values[-1]
-        self.local_sgd_budget = base_budget(args, steps_per_epoch, args.world_size)
-        bound = most_steps(self.local_sgd_budget, args.world_size, args.sync_every, args.resolved_lr_scaling_c)
+        workers = args.world_size // args.island_size  # K: each island is one worker of the round
+        self.local_sgd_budget = base_budget(args, steps_per_epoch, workers)
+        bound = most_steps(self.local_sgd_budget, workers, args.sync_every, args.resolved_lr_scaling_c)
         if num_train_epochs != sys.maxsize:  # (a dataset without a length: Trainer loops until max_steps)
             values[0] = math.ceil(bound / steps_per_epoch)
         values[-1] = max(bound, max_steps)
@@ -132,15 +137,15 @@ class LocalSGDTrainerMixin:
             return
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as card:
-            card.write(method_card_section(self.args, world_size))
+            card.write(method_card_section(self.args, world_size // self.args.island_size))
 
 
-def base_budget(args, steps_per_epoch: int, world_size: int) -> int:
+def base_budget(args, steps_per_epoch: int, workers: int) -> int:
     """The base run's steps S (one worker, H = 1): ``max_steps``, or ``num_train_epochs`` over the data on one
-    worker, whose epoch is ``world_size`` times a rank's ``steps_per_epoch``."""
+    worker (an island), whose epoch is ``workers`` times a rank's ``steps_per_epoch``."""
     if args.max_steps > 0:
         return args.max_steps
-    return math.ceil(args.num_train_epochs * steps_per_epoch * world_size)
+    return math.ceil(args.num_train_epochs * steps_per_epoch * workers)
 
 
 class LocalSGDTrainer(LocalSGDTrainerMixin, Trainer):

@@ -15,6 +15,7 @@ from hf_localsgd.core.adascale import GainRatio, GainRatioScaling, gain_ratio, g
 from hf_localsgd.core.collectives import AllReduce
 from hf_localsgd.core.flat import FlatParams
 from hf_localsgd.core.metrics import METRICS, PREFIX
+from hf_localsgd.core.shard import Replica
 from hf_localsgd.core.sync import OuterSync
 
 
@@ -118,7 +119,7 @@ def test_statistics_travel_in_float32_under_a_bfloat16_wire(monkeypatch, comm_dt
     flat = FlatParams(list(m.parameters()), 1e9)
     options = LocalSGDOptions(outer_optimizer="average", outer_comm_dtype=comm_dtype)
     reducer = AllReduce(None, comm_dtype)
-    outer = OuterSync(flat, reducer, options, flat.device, None)
+    outer = OuterSync(Replica(flat), reducer, options, flat.device, None)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.25)

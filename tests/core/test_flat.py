@@ -17,17 +17,46 @@ def test_buckets_views_and_copies():
     m = model()
     params = list(m.parameters())  # 35, 7, 21, 3 elements
     flat = FlatParams(params, bucket_numel=30)
-    assert [(b.start, b.end, len(b.params)) for b in flat.buckets] == [(0, 35, 1), (35, 63, 2), (63, 66, 1)]
+    assert [(b.start, b.end, len(b.pieces)) for b in flat.buckets] == [(0, 35, 1), (35, 63, 2), (63, 66, 1)]
     assert flat.numel == 66 and flat.bytes == 66 * 4
     x = torch.arange(66, dtype=torch.float32)
     views = flat.views(x)
     assert [v.shape for v in views] == [p.shape for p in params] and views[1].flatten().tolist() == list(range(35, 42))
-    assert [v.shape for v in flat.views(x[35:63], 35, 63)] == [params[1].shape, params[2].shape]
+    assert [v.shape for v in flat.buckets[1].views(x[35:63])] == [params[1].shape, params[2].shape]
     flat.copy_to_model(x)
     assert torch.equal(params[3].detach().flatten(), torch.arange(63, 66, dtype=torch.float32))
     out = flat.empty()
     flat.copy_from_model(out)
     assert torch.equal(out, x)
+
+
+def test_parts_cut_parameters_and_cover_the_layout_once():
+    """The spans an island's ranks keep: equal lengths (the last shorter), parameters cut where a span ends, and
+    copies through the parts change exactly their elements."""
+    m = model()
+    params = list(m.parameters())  # 35, 7, 21, 3 elements
+    full = FlatParams(params, bucket_numel=20)
+    parts = [full.part(i, 3) for i in range(3)]
+    assert [(p.start, p.end) for p in parts] == [(0, 22), (22, 44), (44, 66)] and full.chunk(3) == 22
+    assert [(q.lo, q.hi, q.start) for q in parts[1].pieces] == [(22, 35, 22), (0, 7, 35), (0, 2, 42)]
+    assert [(b.start, b.end) for b in parts[1].buckets] == [(22, 42), (42, 44)]  # whole pieces per bucket
+    assert parts[1].bytes == 22 * 4 and full.part(4, 5).numel == 66 - 4 * 14
+    x = torch.arange(66, dtype=torch.float32)
+    for part in parts:
+        part.copy_to_model(x[part.start : part.end])
+    out = full.empty()
+    full.copy_from_model(out)
+    assert torch.equal(out, x)
+    mine = parts[1].empty()
+    parts[1].copy_from_model(mine)
+    assert torch.equal(mine, x[22:44])
+    parts[1].lerp_model_toward(torch.zeros(22), 0.5)
+    full.copy_from_model(out)
+    assert torch.equal(out[22:44], x[22:44] / 2) and torch.equal(out[:22], x[:22]) and torch.equal(out[44:], x[44:])
+    params[0].grad = torch.ones_like(params[0])
+    grads = torch.full((22,), 7.0)
+    parts[1].copy_grads(grads)
+    assert grads.tolist() == [1.0] * 13 + [0.0] * 9
 
 
 def test_pull_and_gradients():

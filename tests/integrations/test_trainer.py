@@ -309,9 +309,9 @@ def test_lr_scaling_budget_from_epochs_is_the_base_runs():
         max_steps, num_train_epochs = -1, 2.5
 
     # 2.5 epochs of a rank's 6 steps on 4 ranks: one worker's epoch is 24 steps, the budget 60.
-    assert base_budget(Args, steps_per_epoch=6, world_size=4) == 60
+    assert base_budget(Args, steps_per_epoch=6, workers=4) == 60
     Args.max_steps = 100
-    assert base_budget(Args, steps_per_epoch=6, world_size=4) == 100
+    assert base_budget(Args, steps_per_epoch=6, workers=4) == 100
 
 
 def test_lr_scaling_needs_a_trainer_that_can_stretch_the_run(tmp_path):

@@ -103,6 +103,28 @@ def count_collectives() -> dict:
     return counts
 
 
+def count_collectives_by_group() -> dict[str, int]:
+    """Counts torch.distributed collectives by kind and group: keys like "all_reduce@0,2" (the group's ranks) or
+    "all_reduce@world". Only calls through the Python API are seen: DDP's own C++ all-reduce is not (a comm
+    hook's is)."""
+    counts: dict[str, int] = {}
+    for name in COLLECTIVES + ("all_gather_single", "reduce_scatter_single"):
+        if not hasattr(dist, name):
+            continue
+        original = getattr(dist, name)
+
+        def wrapper(*args, _original=original, _name=name, **kwargs):
+            group = kwargs.get("group")
+            ranks = dist.get_process_group_ranks(group) if group is not None else None
+            where = "world" if ranks is None or len(ranks) == dist.get_world_size() else ",".join(map(str, ranks))
+            key = f"{_name}@{where}"
+            counts[key] = counts.get(key, 0) + 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, wrapper)
+    return counts
+
+
 class LinearRegression(torch.nn.Module):
     """A small model for reference tests: y = w·x + b with a squared loss."""
 
