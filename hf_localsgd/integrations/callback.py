@@ -31,6 +31,7 @@ from ..core.collectives import check_launch
 from ..core.engine import RoundEngine
 from ..core.metrics import PREFIX
 from . import console
+from .checkpoint_dirs import checkpoint_dirs, trainer_state_problem
 from .config import LocalSGDArguments
 from .local_metrics import LocalGathers
 from .parallel import check_supported, find_gradient_sync
@@ -293,7 +294,11 @@ class LocalSGDCallback(TrainerCallback):
         candidates = [self.resume_from_checkpoint,
                       args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None,
                       self._checkpoint_dir(args, state)]
-        path = resume_rank_state(candidates, self.engine, optimizer)
+        # Should a state file be damaged, the error names the newest checkpoint that is complete (Trainer's own
+        # save finished there), to resume from instead.
+        run_dir = os.path.dirname(self._checkpoint_dir(args, state))
+        fallbacks = [d for d in checkpoint_dirs(run_dir) if trainer_state_problem(d) is None]
+        path = resume_rank_state(candidates, self.engine, optimizer, fallbacks=fallbacks)
         if path is None:
             logger.warning(
                 "Local SGD: resuming at step %d from a checkpoint without %s files; starting new rounds from the "
