@@ -34,12 +34,20 @@ from . import console
 from .checkpoint_dirs import checkpoint_dirs, trainer_state_problem
 from .config import LocalSGDArguments
 from .local_metrics import LocalGathers
-from .parallel import check_supported, find_gradient_sync
+from .parallel import UNATTACHED, check_supported, find_gradient_sync
 
 
 logger = logging.getLogger(__name__)
 
 MODEL_TAG = "hf_localsgd"
+
+
+def check_options(config, args) -> None:
+    if not isinstance(config, LocalSGDArguments):
+        raise TypeError(
+            "LocalSGDCallback needs the local-SGD options: pass LocalSGDCallback(LocalSGDArguments(...)) "
+            f"or train with a LocalSGDConfig; got args of type {type(args).__name__}"
+        )
 
 
 class LocalSGDCallback(TrainerCallback):
@@ -78,12 +86,7 @@ class LocalSGDCallback(TrainerCallback):
         check_supported(trainer, trainer.args)  # now, rather than after Trainer has prepared the model
         check_launch()
         options = config if config is not None else trainer.args
-        if getattr(options, "data_partition", "iid") == "worst_case":
-            raise ValueError(
-                "data_partition: 'worst_case' leaves all but one rank without data, and every rank of a Trainer "
-                "takes the same steps; run it in a plain loop over RoundEngine with "
-                "hf_localsgd.core.partition.worst_case_shards (an empty rank calls engine.step() only)"
-            )
+        check_options(options, trainer.args)
         if getattr(options, "data_partition", "iid") != "iid" and not getattr(trainer, "local_sgd_partitions_data", False):
             raise ValueError(
                 f"data_partition: {options.data_partition!r} replaces the trainer's train sampler, which a callback "
@@ -105,13 +108,16 @@ class LocalSGDCallback(TrainerCallback):
         return dist.get_world_size(self.process_group) if dist.is_initialized() else 1
 
     # ------------------------------------------------------------------ setup
+    def on_init_end(self, args, state, control, **kwargs):
+        """Called by the constructor of a Trainer given this callback in ``callbacks=[...]`` (not after `attach`):
+        what would stop training is said now, before any model is prepared or any collective runs."""
+        check_options(self.config if self.config is not None else args, args)
+        if self.trainer is None and getattr(args, "world_size", 1) > 1:
+            raise RuntimeError(UNATTACHED)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         config = self.config if self.config is not None else args
-        if not isinstance(config, LocalSGDArguments):
-            raise TypeError(
-                "LocalSGDCallback needs the local-SGD options: pass LocalSGDCallback(LocalSGDArguments(...)) "
-                f"or train with a LocalSGDConfig; got args of type {type(args).__name__}"
-            )
+        check_options(config, args)
         if config.local_sgd_warmup_steps >= state.max_steps:  # epoch-based runs learn max_steps only now
             raise ValueError(
                 f"local_sgd_warmup_steps ({config.local_sgd_warmup_steps}) must be shorter than the run "

@@ -52,9 +52,9 @@ def trainer_state_problem(directory: str) -> str | None:
         with open(os.path.join(directory, TRAINER_STATE), encoding="utf-8") as f:
             json.load(f)
     except FileNotFoundError:
-        return f"has no {TRAINER_STATE} (Trainer's save did not finish)"
+        return f"{TRAINER_STATE} is missing (Trainer's save did not finish)"
     except (OSError, ValueError) as err:
-        return f"has an unreadable {TRAINER_STATE} ({err})"
+        return f"{TRAINER_STATE} cannot be read ({err})"
     return None
 
 
@@ -69,14 +69,14 @@ def checkpoint_problem(directory: str, rank: int, world_size: int | None = None)
     names = sorted(os.listdir(directory))
     partial = next((n for n in names if (m := _STATE_NAME.match(n)) and m.group(2)), None)
     if partial is not None:
-        return f"has {partial}, left by a save that did not finish"
+        return f"{partial} is left by a save that did not finish"
     present = sorted(int(m.group(1)) for n in names if (m := _STATE_NAME.match(n)))
     if not present:
         return None
     needed = range(world_size) if world_size is not None else [rank]
     missing = [r for r in needed if r not in present]
     if missing:
-        return f"has no {STATE_FILE.format(rank=missing[0])} (the state of rank {missing[0]})"
+        return f"{STATE_FILE.format(rank=missing[0])} (the state of rank {missing[0]}) is missing"
     for r in present:
         problem = state_file_problem(state_file(directory, r))
         if problem is not None:
@@ -122,11 +122,12 @@ def compatibility_problem(directory: str, rank: int, world_size: int, options, n
     try:
         engine_state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["engine"]
     except Exception as err:  # the full load reports it with the file and rank (core.checkpoint)
-        return f"{STATE_FILE.format(rank=rank)} (the state of rank {rank}) cannot be loaded ({type(err).__name__}: {err})"
+        return (f"{STATE_FILE.format(rank=rank)} (the state of rank {rank}) cannot be loaded "
+                f"({type(err).__name__}: {err})")
     saved_params = engine_state["global_params"].numel()
     if num_params is not None and saved_params != num_params:
-        return (f"holds {saved_params} global parameters, the model has {num_params} (a checkpoint of another "
-                "model, or of other trainable parameters)")
+        return (f"the checkpoint holds {saved_params} global parameters, the model has {num_params} (a checkpoint "
+                "of another model, or of other trainable parameters)")
     run = SimpleNamespace(world_size=world_size, options=options,
                           hooks=build_hooks(options, seed=0, total_steps=None))
     try:
@@ -156,14 +157,14 @@ def resolve_resume(resume_from_checkpoint, run_dir: str, options, num_params: in
         r, problem = next((r, view[newest]) for r, view in enumerate(views) if view.get(newest, "") is not None)
         raise CheckpointError(
             f"resume_from_checkpoint: no checkpoint in {run_dir} is complete for every rank (the newest, "
-            f"{candidates[0]}, {problem or 'is not there'}, seen from rank {r}): start without "
+            f"{candidates[0]}: {problem or 'not there'}, seen from rank {r}): start without "
             "resume_from_checkpoint, or restore a complete checkpoint"
         )
     if not isinstance(resume_from_checkpoint, str):
         return resume_from_checkpoint
     path = resume_from_checkpoint
     if not os.path.isdir(path):
-        problem = "does not exist"
+        problem = "the folder does not exist"
     else:
         problem = checkpoint_problem(path, rank) or compatibility_problem(path, rank, world_size, options, num_params)
     problems = _gather(problem)
@@ -171,7 +172,7 @@ def resolve_resume(resume_from_checkpoint, run_dir: str, options, num_params: in
     if bad:
         r, p = bad[0]
         where = f" (seen from rank {r})" if world_size > 1 else ""
-        raise CheckpointError(f"resume_from_checkpoint: {path} cannot be resumed from: it {p}{where}. "
+        raise CheckpointError(f"resume_from_checkpoint: {path} cannot be resumed from: {p}{where}. "
                               + _advice(str(Path(path).parent), world_size, exclude=path))
     return path
 

@@ -13,6 +13,9 @@ from torch.nn.parallel import DistributedDataParallel
 from ..core.flat import keep_buffers_local
 
 
+UNATTACHED = ("LocalSGDCallback cannot switch off DDP's gradient all-reduce from a `callbacks=[...]` list: "
+              "Trainer never hands callbacks its DDP wrapper. Use LocalSGDTrainer, or attach the callback "
+              "to your trainer instead: `LocalSGDCallback.attach(trainer, local_sgd_args)`.")
 # Setups in which something other than one full replica per rank under DDP holds the parameters.
 UNSUPPORTED = ("DEEPSPEED", "FSDP", "XLA", "MEGATRON_LM")
 
@@ -50,11 +53,7 @@ def find_gradient_sync(trainer, model, world_size: int) -> DDPGradientSync | Non
     if world_size == 1:
         return None
     if trainer is None:
-        raise RuntimeError(
-            "LocalSGDCallback cannot switch off DDP's gradient all-reduce from a `callbacks=[...]` list: "
-            "Trainer never hands callbacks its DDP wrapper. Use LocalSGDTrainer, or attach the callback "
-            "to your trainer instead: `LocalSGDCallback.attach(trainer, local_sgd_args)`."
-        )
+        raise RuntimeError(UNATTACHED)
     wrapped = trainer.model_wrapped
     if isinstance(wrapped, DistributedDataParallel):
         return DDPGradientSync(wrapped)

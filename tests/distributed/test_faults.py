@@ -48,11 +48,13 @@ def test_a_truncated_state_file_stops_every_rank_with_an_error_naming_it_and_its
     damaged = os.path.join(r0["damaged"], "local_sgd_rank1.pt")
     for r in (r0, r1):
         # Trainer: checked on every rank before Trainer loads the checkpoint.
-        assert r["trainer_error"].startswith(f"resume_from_checkpoint: {r0['damaged']} cannot be resumed from: it "
+        assert r["trainer_error"].startswith(f"resume_from_checkpoint: {r0['damaged']} cannot be resumed from: "
                                              "local_sgd_rank1.pt (the state of rank 1) is truncated")
         # A plain loop: resume_rank_state's agreement; the newest complete checkpoint offered is named.
         assert r["engine_error"].startswith(f"{damaged}: the state file of rank 1 is truncated")
         assert r["engine_error"].endswith("checkpoint-12: resume from it.") and "crashed" in r["engine_error"]
+        # A plain loop resuming a checkpoint that only rank 0 wrote its file into: both stop.
+        assert r["missing_error"].startswith("1 of 2 ranks found their local_sgd_rank*.pt file in the checkpoint")
 
 
 def test_a_truncated_state_file_ends_every_rank_non_zero_without_a_hang(runs):

@@ -61,10 +61,10 @@ def test_resume_true_skips_checkpoints_a_crash_left_incomplete(tmp_path):
 
 @pytest.mark.parametrize("damage,says", [
     ("truncate", "local_sgd_rank0.pt (the state of rank 0) is truncated or corrupted"),
-    ("tmp", "has local_sgd_rank0.pt.tmp, left by a save that did not finish"),
-    ("no_trainer_state", "has no trainer_state.json (Trainer's save did not finish)"),
+    ("tmp", "local_sgd_rank0.pt.tmp is left by a save that did not finish"),
+    ("no_trainer_state", "trainer_state.json is missing (Trainer's save did not finish)"),
     ("outer_optimizer", "Checkpoint was trained with outer_optimizer='average', this run uses 'nesterov'"),
-    ("missing", "does not exist"),
+    ("missing", "the folder does not exist"),
 ])
 def test_a_checkpoint_given_by_path_is_checked_before_trainer_loads_it(tmp_path, damage, says):
     complete = checkpoint(tmp_path, 3)
@@ -80,7 +80,7 @@ def test_a_checkpoint_given_by_path_is_checked_before_trainer_loads_it(tmp_path,
     with pytest.raises(CheckpointError) as error:
         resolve_resume(str(bad), str(tmp_path), OPTIONS)
     message = str(error.value)
-    assert message.startswith(f"resume_from_checkpoint: {bad} cannot be resumed from: it ")
+    assert message.startswith(f"resume_from_checkpoint: {bad} cannot be resumed from: ")
     assert says in message
     newest = tmp_path / "checkpoint-6" if damage == "missing" else complete
     assert message.endswith(f"The newest complete checkpoint is {newest}: pass it as resume_from_checkpoint.")
@@ -89,13 +89,13 @@ def test_a_checkpoint_given_by_path_is_checked_before_trainer_loads_it(tmp_path,
 def test_resume_true_with_nothing_complete_says_so(tmp_path):
     crashed = checkpoint(tmp_path, 3, trainer_state=False)
     with pytest.raises(CheckpointError, match=rf"^resume_from_checkpoint: no checkpoint in {tmp_path} is complete "
-                                              rf"for every rank \(the newest, {crashed}, has no trainer_state.json"):
+                                              rf"for every rank \(the newest, {crashed}: trainer_state.json is missing"):
         resolve_resume(True, str(tmp_path), OPTIONS)
 
 
 def test_a_checkpoint_of_another_model_is_refused_by_its_parameter_count(tmp_path):
     other = checkpoint(tmp_path, 3)
-    with pytest.raises(CheckpointError, match="holds 66 global parameters, the model has 60"):
+    with pytest.raises(CheckpointError, match="the checkpoint holds 66 global parameters, the model has 60"):
         resolve_resume(str(other), str(tmp_path), OPTIONS, num_params=60)
     assert resolve_resume(str(other), str(tmp_path), OPTIONS, num_params=66) == str(other)
 

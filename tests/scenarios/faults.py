@@ -7,7 +7,8 @@
   resume from checkpoint-3 and end bit-identical to an uninterrupted run (trained here too). Then rank 0 cuts
   rank 1's state file of that run's checkpoint-9 short, and both resuming from it explicitly (the Trainer's
   check) and resuming a plain engine with `resume_rank_state` (the core's agreement) must stop every rank with
-  an error naming the file and rank 1. Returns the errors.
+  an error naming the file and rank 1, and so must a plain engine resuming a checkpoint that only rank 0 wrote
+  its file into. Returns the errors.
 - `long OUT` (under `accelerate launch`): trains on and on (rounds of 4); at step 6, mid-round, each rank
   writes its pid to `OUT/ready_rank{R}` for the test, which then SIGKILLs one of them.
 - `truncated_exit OUT CHECKPOINT`: resume from that damaged checkpoint with nothing catching the error: every
@@ -124,6 +125,17 @@ def run(out_dir: str, mode: str, checkpoint: str | None = None) -> dict:
         result["engine_error"] = None
     except CheckpointError as error:
         result["engine_error"] = str(error)
+
+    # A checkpoint only rank 0 wrote its file into: every rank stops, rather than one resuming mid-round.
+    one_rank = os.path.join(out_dir, "one_rank")
+    if dist.get_rank() == 0:
+        save_rank_state(one_rank, engine)
+    dist.barrier()
+    try:
+        resume_rank_state([one_rank], RoundEngine(tiny_model(), sync_every=4))
+        result["missing_error"] = None
+    except ValueError as error:
+        result["missing_error"] = str(error)
     return result
 
 
