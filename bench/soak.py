@@ -67,17 +67,21 @@ class _MallInfo2(ctypes.Structure):
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 
 
-def heap_in_use_kb() -> int:
-    """Bytes glibc's malloc has handed out and not had back (all arenas, mmapped blocks included), in kB, or
-    -1 without glibc >= 2.33. RSS can grow while this stays flat (the allocator keeps freed pages: fragmentation,
-    per-thread arenas); a leak grows both."""
+def heap_kb() -> tuple[int, int]:
+    """glibc's malloc, in kB (all arenas): what it has handed out and not had back (mmapped blocks included), and
+    what it holds free; (-1, -1) without glibc >= 2.33. RSS can grow while the first stays flat (freed pages kept
+    by the allocator: the second); a leak grows the first."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallinfo2.restype = _MallInfo2
         info = libc.mallinfo2()
     except (OSError, AttributeError):
-        return -1
-    return (info.uordblks + info.hblkhd) // 1024
+        return -1, -1
+    return (info.uordblks + info.hblkhd) // 1024, info.fordblks // 1024
+
+
+def entry_bytes(entry: dict) -> int:
+    return sys.getsizeof(entry) + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in entry.items())
 
 
 class SyncProbe(TrainerCallback):
@@ -85,15 +89,21 @@ class SyncProbe(TrainerCallback):
 
     def __init__(self, trainer):
         self.trainer = trainer
-        # (sync, step, RSS kB, open fds, malloc'd kB in use, Python objects tracked by the gc)
-        self.samples: list[tuple[int, int, int, int, int, int]] = []
+        # (sync, step, RSS kB, open fds, malloc'd kB in use, Python objects tracked by the gc, kB held free by
+        # malloc, kB of Trainer's log history: one entry per sync, kept by design)
+        self.samples: list[tuple[int, ...]] = []
         self.seen = 0
+        self.logged, self.log_bytes = 0, 0
 
     def on_step_end(self, args, state, control, **kwargs):
         syncs = self.trainer.local_sgd.engine.num_syncs
         if syncs != self.seen:
             self.seen = syncs
-            self.samples.append((syncs, state.global_step, rss_kb(), open_fds(), heap_in_use_kb(), len(gc.get_objects())))
+            self.log_bytes += sum(entry_bytes(e) for e in state.log_history[self.logged:])
+            self.logged = len(state.log_history)
+            in_use, free = heap_kb()
+            self.samples.append((syncs, state.global_step, rss_kb(), open_fds(), in_use, len(gc.get_objects()), free,
+                                 self.log_bytes // 1024))
 
 
 def slope_per_100(xs: list[int], ys: list[int]) -> float:
@@ -120,6 +130,8 @@ def summarize(samples: list[list[int]]) -> dict:
         "fds_max": max(s[3] for s in later), "fds_min": min(s[3] for s in later),
         "heap_mb_at_first_sync": samples[0][4] / 1024, "heap_mb_at_last_sync": last[4] / 1024,
         "heap_growth_mb_per_100_syncs_fit": slope_per_100([s[0] for s in later], [s[4] for s in later]) / 1024,
+        "heap_free_mb_at_first_sync": samples[0][6] / 1024, "heap_free_mb_at_last_sync": last[6] / 1024,
+        "log_history_mb_per_100_syncs_fit": slope_per_100([s[0] for s in later], [s[7] for s in later]) / 1024,
         "objects_at_first_sync": samples[0][5], "objects_at_last_sync": last[5],
         "object_growth_per_100_syncs_fit": slope_per_100([s[0] for s in later], [s[5] for s in later]),
     }
@@ -186,6 +198,9 @@ def main() -> int:
               f"{s['heap_mb_at_last_sync']:.1f} MB at the last, {s['heap_growth_mb_per_100_syncs_fit']:+.3f} MB per 100 "
               f"syncs (fit); Python objects {s['objects_at_first_sync']} -> {s['objects_at_last_sync']}, "
               f"{s['object_growth_per_100_syncs_fit']:+.1f} per 100 syncs (fit)")
+        print(f"  {name}: of which Trainer's log history (an entry per sync, by design) "
+              f"{s['log_history_mb_per_100_syncs_fit']:+.3f} MB per 100 syncs; held free by malloc "
+              f"{s['heap_free_mb_at_first_sync']:.1f} MB at sync 1, {s['heap_free_mb_at_last_sync']:.1f} MB at the last")
     for what, ok in checks.items():
         print(f"  {'ok' if ok else 'FAILED'}: {what}")
     leaks = [name for name, s in summary.items()
