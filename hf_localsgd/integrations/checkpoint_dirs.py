@@ -128,8 +128,10 @@ def compatibility_problem(directory: str, rank: int, world_size: int, options, n
     if num_params is not None and saved_params != num_params:
         return (f"the checkpoint holds {saved_params} global parameters, the model has {num_params} (a checkpoint "
                 "of another model, or of other trainable parameters)")
-    run = SimpleNamespace(world_size=world_size, options=options,
-                          hooks=build_hooks(options, seed=0, total_steps=None))
+    # What check_resumable reads of an engine, without building one (no model, no collective). (An island
+    # layout, where the options have one, is read as the engine would.)
+    run = SimpleNamespace(world_size=world_size, options=options, hooks=build_hooks(options, seed=0, total_steps=None),
+                          topology=SimpleNamespace(island_size=getattr(options, "island_size", 1)))
     try:
         check_resumable(engine_state, run)
     except ValueError as err:
