@@ -80,11 +80,9 @@ def accelerate_launch(script_args: list[str], timeout: float = 240, num_processe
     return run_process_group(cmd, timeout, launch_env(**env), check=check)
 
 
-def spawn_ranks(script_args: list[str], num_processes: int = 2, timeout: float = 240, **env) -> list[str]:
+def start_ranks(script_args: list[str], num_processes: int = 2, **env) -> tuple[list[subprocess.Popen], list]:
     """Start ``num_processes`` ranks of ``python SCRIPT ARGS`` directly, with the environment a launcher gives
-    them (RANK, WORLD_SIZE, MASTER_ADDR, ...): real processes and a real gloo group, without the seconds a
-    launcher spends importing torch and accelerate itself. As `accelerate launch` does, the first rank to fail
-    ends the others. Returns each rank's output; fails the test with it on an error or a time-out."""
+    them (RANK, WORLD_SIZE, MASTER_ADDR, ...), each in a session of its own, its output in a temporary file."""
     base = launch_env(**env)
     base.update(WORLD_SIZE=str(num_processes), LOCAL_WORLD_SIZE=str(num_processes), MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(free_port()))
@@ -92,12 +90,20 @@ def spawn_ranks(script_args: list[str], num_processes: int = 2, timeout: float =
     procs = [subprocess.Popen([sys.executable, *script_args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                               env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}, start_new_session=True)
              for rank, log in enumerate(logs)]
+    return procs, logs
+
+
+def wait_ranks(procs: list[subprocess.Popen], logs: list, timeout: float,
+               first_failure_ends_all: bool = True) -> tuple[list[int | None], list[str], bool]:
+    """Wait for the ranks to exit; as `accelerate launch` does, the first to fail ends the others (unless
+    ``first_failure_ends_all`` is False: then each must exit by itself). Whatever still runs at ``timeout`` is
+    killed. Returns each rank's exit code (None: killed here), its output, and whether the time ran out."""
     deadline, failed, timed_out = time.monotonic() + timeout, None, False
     try:
         while True:
             codes = [p.poll() for p in procs]
             failed = next((rank for rank, code in enumerate(codes) if code not in (None, 0)), None)
-            if failed is not None or all(code == 0 for code in codes):
+            if all(code is not None for code in codes) or (failed is not None and first_failure_ends_all):
                 break
             if time.monotonic() > deadline:
                 timed_out = True
@@ -106,6 +112,7 @@ def spawn_ranks(script_args: list[str], num_processes: int = 2, timeout: float =
     finally:  # also when the test itself is interrupted (pytest-timeout, Ctrl-C)
         if failed is not None:
             time.sleep(0.5)  # a moment for the others to report their side of the error
+        codes = [p.poll() for p in procs]
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
@@ -115,9 +122,19 @@ def spawn_ranks(script_args: list[str], num_processes: int = 2, timeout: float =
         log.seek(0)
         outputs.append(log.read())
         log.close()
+    return codes, outputs, timed_out
+
+
+def spawn_ranks(script_args: list[str], num_processes: int = 2, timeout: float = 240, **env) -> list[str]:
+    """`start_ranks`, then `wait_ranks`: real processes and a real gloo group, without the seconds a launcher
+    spends importing torch and accelerate itself. Returns each rank's output; fails the test with it on an
+    error or a time-out."""
+    procs, logs = start_ranks(script_args, num_processes, **env)
+    codes, outputs, timed_out = wait_ranks(procs, logs, timeout)
+    failed = next((rank for rank, code in enumerate(codes) if code != 0), None)
     if timed_out or failed is not None:
-        report = "\n".join(f"--- rank {rank} (exit {p.returncode})\n{out[-4000:]}"
-                           for rank, (p, out) in enumerate(zip(procs, outputs)))
+        report = "\n".join(f"--- rank {rank} (exit {code})\n{out[-4000:]}"
+                           for rank, (code, out) in enumerate(zip(codes, outputs)))
         what = f"timed out after {timeout}s" if timed_out else f"rank {failed} failed"
         pytest.fail(f"{what}: {' '.join(script_args)}\n{report}")
     return outputs

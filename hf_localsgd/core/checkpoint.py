@@ -9,13 +9,19 @@ helpers serve `LocalSGDTrainer` and a plain loop:
     ...
     resume_rank_state([checkpoint_dir], engine, optimizer)   # every rank; True when resumed
 
-Files are written atomically (a temporary file, flushed to disk, then renamed), so a rank killed while
-saving leaves the previous file or the new one, never a truncated one.
+Files are written atomically (a temporary file, flushed to disk, renamed, and the rename itself flushed to
+disk with the directory), so a rank killed while saving leaves the previous file or the new one, never a
+truncated one under the final name; what it leaves is a ``local_sgd_rank{R}.pt.tmp``, which marks the
+checkpoint as incomplete. A file that cannot be read anyway (a disk that lost the tail, a copy cut short)
+stops every rank with a `CheckpointError` naming the file and its rank, and the newest complete checkpoint
+among those the caller offers as ``fallbacks``, instead of a pickle traceback on one rank and a hang on the
+others.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -30,6 +36,12 @@ if TYPE_CHECKING:
 
 
 STATE_FILE = "local_sgd_rank{rank}.pt"
+PARTIAL_SUFFIX = ".tmp"  # a save in progress, or one that a killed rank left behind
+STATE_KEYS = ("engine", "local_params", "inner_optimizer")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from as it is on disk: a state file truncated, corrupted or missing."""
 
 
 def state_file(directory: str, rank: int) -> str:
@@ -116,7 +128,7 @@ def save_rank_state(directory: str, engine: RoundEngine, optimizer: torch.optim.
         "local_params": engine.local_params(),  # this replica's weights, also while the global model is in
         "inner_optimizer": local_optimizer_state(optimizer) if optimizer is not None else None,
     }
-    tmp = path + ".tmp"  # one writer per file: each rank writes its own
+    tmp = path + PARTIAL_SUFFIX  # one writer per file: each rank writes its own
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -127,37 +139,153 @@ def save_rank_state(directory: str, engine: RoundEngine, optimizer: torch.optim.
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_directory(directory)
     return path
 
 
-def load_rank_state(path: str, engine: RoundEngine, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Restore this rank's engine, weights and inner-optimizer state from its file."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+def fsync_directory(directory: str) -> None:
+    """Flush a directory's entries to disk: after a rename, a power loss could otherwise bring back the old
+    name (or none) with the new contents already on disk. (Not possible on every platform: then skipped.)"""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- checking files before loading them
+def state_file_problem(path: str) -> str | None:
+    """What is wrong with a state file, read cheaply (its size and zip directory, not its tensors), or None.
+    torch.save writes a zip archive whose central directory comes last, so a file cut short anywhere, or
+    overwritten with something else, has none."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return "is missing"
+    if size == 0:
+        return "is empty"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        return f"is truncated or corrupted ({size} bytes, no readable zip directory: {err})"
+    if not any(e.filename.endswith("/data.pkl") for e in entries):
+        return "is not a torch.save archive (no data.pkl)"
+    end = max(e.header_offset + e.compress_size for e in entries)
+    if end > size:
+        return f"is truncated ({size} bytes, its records need at least {end})"
+    return None
+
+
+def checkpoint_problem(directory: str, world_size: int) -> str | None:
+    """Why ``directory`` is not a complete checkpoint of ``world_size`` ranks (a state file of every rank that
+    passes `state_file_problem`, and no save left half-done), or None when it is."""
+    if not os.path.isdir(directory):
+        return "does not exist"
+    for rank in range(world_size):
+        path = state_file(directory, rank)
+        if os.path.exists(path + PARTIAL_SUFFIX):
+            return f"{os.path.basename(path)}{PARTIAL_SUFFIX} is left by a save of rank {rank} that did not finish"
+        problem = state_file_problem(path)
+        if problem is not None:
+            return f"{os.path.basename(path)} (rank {rank}) {problem}"
+    return None
+
+
+def newest_complete_checkpoint(candidates: Iterable[str | None], world_size: int) -> str | None:
+    """The first of ``candidates`` (pass them newest first) that `checkpoint_problem` finds complete."""
+    return next((d for d in candidates if d and checkpoint_problem(d, world_size) is None), None)
+
+
+def fallback_advice(fallbacks: Iterable[str | None], world_size: int, exclude: str | None = None) -> str:
+    """The end of an error about an unusable checkpoint: which complete one to resume from instead."""
+    excluded = os.path.abspath(exclude) if exclude else None
+    newest = newest_complete_checkpoint((d for d in fallbacks if d and os.path.abspath(d) != excluded), world_size)
+    if newest is not None:
+        return f"The newest complete checkpoint is {newest}: resume from it."
+    return ("No complete checkpoint was found to resume from instead: start anew, or delete this checkpoint's "
+            f"{STATE_FILE.format(rank='*')} files to start new rounds from its global model (outer-optimizer "
+            "state reset).")
+
+
+def read_rank_state(path: str, rank: int) -> dict:
+    """Load a state file, turning what torch.load raises on a damaged file (a zip, pickle or EOF error) into a
+    `CheckpointError` naming the file and the rank."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # anything torch.load raises here means this file cannot be resumed from
+        problem = state_file_problem(path) or f"cannot be loaded ({type(err).__name__}: {err})"
+        raise CheckpointError(f"{path}: the state file of rank {rank} {problem}") from err
+    if not isinstance(saved, dict) or not all(key in saved for key in STATE_KEYS):
+        raise CheckpointError(f"{path}: the state file of rank {rank} is not a local-SGD state file (it lacks "
+                              f"{[k for k in STATE_KEYS if not isinstance(saved, dict) or k not in saved]})")
+    return saved
+
+
+def apply_rank_state(saved: dict, engine: RoundEngine, optimizer: torch.optim.Optimizer | None = None) -> None:
     engine.load_state_dict(saved["engine"])
     engine.load_params(saved["local_params"])
     if optimizer is not None and saved["inner_optimizer"] is not None:
         load_local_optimizer_state(optimizer, saved["inner_optimizer"])
 
 
+def load_rank_state(path: str, engine: RoundEngine, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Restore this rank's engine, weights and inner-optimizer state from its file."""
+    apply_rank_state(read_rank_state(path, global_rank()), engine, optimizer)
+
+
 def resume_rank_state(directories: Iterable[str | None], engine: RoundEngine,
-                      optimizer: torch.optim.Optimizer | None = None) -> str | None:
+                      optimizer: torch.optim.Optimizer | None = None,
+                      fallbacks: Iterable[str | None] = ()) -> str | None:
     """Resume from this rank's file in the first of ``directories`` that has one; returns its path, or None
     when no rank found one. Every rank must call this together: either all resume or none does, since some
     resuming mid-round while others start new rounds would pair different steps in their outer all-reduces.
-    (Each rank looks for its own file, so checkpoints on each node's own disk work.)"""
+    (Each rank looks for its own file, so checkpoints on each node's own disk work.)
+
+    Each rank reads its file before the ranks agree, in one all-reduce, on who found one and whose could not
+    be read: a damaged file on one rank stops every rank with a `CheckpointError` naming it, rather than one
+    rank raising while the others wait for it in their first collective. ``fallbacks`` (newest first, e.g. a
+    trainer's other checkpoints) are checked cheaply for the newest complete one, which the error names."""
     rank = global_rank()
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    directories = list(directories)
     path = next((state_file(d, rank) for d in directories if d and os.path.isfile(state_file(d, rank))), None)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        found = torch.tensor([float(path is not None)], device=engine.flat.device)
-        dist.all_reduce(found)
-        found, world_size = int(found.item()), dist.get_world_size()
-        if 0 < found < world_size:
-            raise ValueError(
-                f"{found} of {world_size} ranks found their {STATE_FILE.format(rank='*')} file in the checkpoint "
-                "(written by another number of processes, or not visible to every rank): resume with as many "
-                "processes as wrote it, or delete those files to start new rounds from the checkpoint's global "
-                "model (outer-optimizer state reset)"
-            )
+    saved, damaged = None, None
     if path is not None:
-        load_rank_state(path, engine, optimizer)
+        try:
+            saved = read_rank_state(path, rank)
+        except CheckpointError as err:
+            damaged = err
+    found, bad = int(path is not None), [rank] if damaged is not None else []
+    if world_size > 1:
+        flags = torch.zeros(1 + world_size, device=engine.flat.device)
+        flags[0] = float(path is not None)
+        flags[1 + rank] = float(damaged is not None)
+        dist.all_reduce(flags)
+        found = int(flags[0].item())
+        bad = [r for r in range(world_size) if flags[1 + r].item() > 0]
+    where = os.path.dirname(path) if path is not None else next((d for d in directories if d), None)
+    if bad:
+        if damaged is not None:
+            what = str(damaged)
+        else:  # another rank's file: say what can be seen of it from here (on a shared disk, the same)
+            other = state_file(where, bad[0]) if where else STATE_FILE.format(rank=bad[0])
+            seen = state_file_problem(other) if where and os.path.exists(other) else None
+            what = f"{other}: the state file of rank {bad[0]} {seen or 'cannot be read (that rank reports why)'}"
+        raise CheckpointError(f"{what}. No rank resumes from {where}. "
+                              + fallback_advice(fallbacks, world_size, exclude=where)) from damaged
+    if 0 < found < world_size:
+        raise ValueError(
+            f"{found} of {world_size} ranks found their {STATE_FILE.format(rank='*')} file in the checkpoint "
+            "(written by another number of processes, or not visible to every rank): resume with as many "
+            "processes as wrote it, or delete those files to start new rounds from the checkpoint's global "
+            "model (outer-optimizer state reset). " + fallback_advice(fallbacks, world_size, exclude=where)
+        )
+    if saved is not None:
+        apply_rank_state(saved, engine, optimizer)
     return path

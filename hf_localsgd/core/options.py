@@ -183,6 +183,13 @@ class LocalSGDOptions:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 fail(name, f"must be an integer >= {low}, got {value!r}")
 
+        # A number given as text (a hand-written config, a JSON string) would fail below with a TypeError
+        # that names nothing.
+        for name in ("outer_lr", "outer_momentum", "outer_lr_plateau_fraction", "pseudo_sync_prob", "pseudo_sync_rate",
+                     "lr_scaling_c", "lr_scaling_ema"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                fail(name, f"must be a number, got {value!r}")
         for name, choices in (("sync_every_schedule", SYNC_EVERY_SCHEDULES), ("outer_optimizer", OUTER_OPTIMIZERS),
                               ("outer_lr_scheduler", OUTER_LR_SCHEDULERS), ("outer_state_device", STATE_DEVICES),
                               ("outer_comm_dtype", COMM_DTYPES), ("lr_scaling", LR_SCALINGS),
@@ -225,6 +232,10 @@ class LocalSGDOptions:
             fail("lr_scaling_c", f"must be in [0, 1], got {self.lr_scaling_c}")
         if not 0 <= self.lr_scaling_ema < 1:
             fail("lr_scaling_ema", f"must be in [0, 1), got {self.lr_scaling_ema}")
+        if self.data_partition == "by_label" and not (isinstance(self.data_partition_column, str)
+                                                       and self.data_partition_column):
+            fail("data_partition_column", f"data_partition='by_label' needs a column name, got "
+                 f"{self.data_partition_column!r}")
         if self.lr_scaling != "none" and self.pseudo_sync_prob > 0:
             fail("lr_scaling", "is not combined with PALSGD (pseudo_sync_prob > 0): both set the inner lr")
 

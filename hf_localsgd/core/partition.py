@@ -34,8 +34,8 @@ class LabelShardSampler(Sampler[int]):
         order = sorted(range(len(labels)), key=lambda i: (labels[i], i))
         per_shard = len(order) // num_replicas // batch_size * batch_size
         if per_shard == 0:
-            raise ValueError(f"{len(labels)} examples cannot fill one batch of {batch_size} on each of "
-                             f"{num_replicas} ranks")
+            raise ValueError(f"data_partition: {len(labels)} examples cannot fill one batch of {batch_size} on each "
+                             f"of {num_replicas} ranks with 'by_label'; use more data or a smaller batch")
         self.shards = [order[r * per_shard : (r + 1) * per_shard] for r in range(num_replicas)]
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
 

@@ -32,14 +32,23 @@ from ..core.data_parallel import gradient_sync
 from ..core.engine import RoundEngine
 from ..core.metrics import PREFIX
 from . import console
+from .checkpoint_dirs import checkpoint_dirs, trainer_state_problem
 from .config import LocalSGDArguments
 from .local_metrics import LocalGathers
-from .parallel import check_supported, find_wrapper
+from .parallel import UNATTACHED, check_supported, find_wrapper
 
 
 logger = logging.getLogger(__name__)
 
 MODEL_TAG = "hf_localsgd"
+
+
+def check_options(config, args) -> None:
+    if not isinstance(config, LocalSGDArguments):
+        raise TypeError(
+            "LocalSGDCallback needs the local-SGD options: pass LocalSGDCallback(LocalSGDArguments(...)) "
+            f"or train with a LocalSGDConfig; got args of type {type(args).__name__}"
+        )
 
 
 class LocalSGDCallback(TrainerCallback):
@@ -78,12 +87,7 @@ class LocalSGDCallback(TrainerCallback):
         check_supported(trainer, trainer.args)  # now, rather than after Trainer has prepared the model
         check_launch()
         options = config if config is not None else trainer.args
-        if getattr(options, "data_partition", "iid") == "worst_case":
-            raise ValueError(
-                "data_partition: 'worst_case' leaves all but one rank without data, and every rank of a Trainer "
-                "takes the same steps; run it in a plain loop over RoundEngine with "
-                "hf_localsgd.core.partition.worst_case_shards (an empty rank calls engine.step() only)"
-            )
+        check_options(options, trainer.args)
         if getattr(options, "data_partition", "iid") != "iid" and not getattr(trainer, "local_sgd_partitions_data", False):
             raise ValueError(
                 f"data_partition: {options.data_partition!r} replaces the trainer's train sampler, which a callback "
@@ -111,13 +115,16 @@ class LocalSGDCallback(TrainerCallback):
         return dist.get_world_size(self.process_group) if dist.is_initialized() else 1
 
     # ------------------------------------------------------------------ setup
+    def on_init_end(self, args, state, control, **kwargs):
+        """Called by the constructor of a Trainer given this callback in ``callbacks=[...]`` (not after `attach`):
+        what would stop training is said now, before any model is prepared or any collective runs."""
+        check_options(self.config if self.config is not None else args, args)
+        if self.trainer is None and getattr(args, "world_size", 1) > 1:
+            raise RuntimeError(UNATTACHED)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         config = self.config if self.config is not None else args
-        if not isinstance(config, LocalSGDArguments):
-            raise TypeError(
-                "LocalSGDCallback needs the local-SGD options: pass LocalSGDCallback(LocalSGDArguments(...)) "
-                f"or train with a LocalSGDConfig; got args of type {type(args).__name__}"
-            )
+        check_options(config, args)
         if config.local_sgd_warmup_steps >= state.max_steps:  # epoch-based runs learn max_steps only now
             raise ValueError(
                 f"local_sgd_warmup_steps ({config.local_sgd_warmup_steps}) must be shorter than the run "
@@ -311,7 +318,11 @@ class LocalSGDCallback(TrainerCallback):
         candidates = [self.resume_from_checkpoint,
                       args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None,
                       self._checkpoint_dir(args, state)]
-        path = resume_rank_state(candidates, self.engine, optimizer)
+        # Should a state file be damaged, the error names the newest checkpoint that is complete (Trainer's own
+        # save finished there), to resume from instead.
+        run_dir = os.path.dirname(self._checkpoint_dir(args, state))
+        fallbacks = [d for d in checkpoint_dirs(run_dir) if trainer_state_problem(d) is None]
+        path = resume_rank_state(candidates, self.engine, optimizer, fallbacks=fallbacks)
         if path is None:
             logger.warning(
                 "Local SGD: resuming at step %d from a checkpoint without %s files; starting new rounds from the "

@@ -22,7 +22,7 @@ from ..core.options import LocalSGDOptions
 class LocalSGDArguments(LocalSGDOptions):
     """`LocalSGDOptions` as a mixin for a `TrainingArguments` subclass: its `__post_init__` also checks the
     options against the trainer's fields (a warm-up longer than `max_steps`, sharding without islands, fp16 with
-    PALSGD)."""
+    PALSGD) and what no Trainer can run (the `worst_case` partition)."""
 
     def __post_init__(self):
         # Islands: DDP's search for unused parameters all-reduces a map of them over all ranks in every backward,
@@ -41,6 +41,10 @@ class LocalSGDArguments(LocalSGDOptions):
         if max_steps is not None and max_steps > 0 and self.local_sgd_warmup_steps >= max_steps:
             fail("local_sgd_warmup_steps", f"({self.local_sgd_warmup_steps}) must be shorter than max_steps "
                  f"({max_steps}), or no local round would ever run")
+        if self.data_partition == "worst_case":
+            fail("data_partition", "'worst_case' leaves all but one rank without data, and every rank of a Trainer "
+                 "takes the same steps; run it in a plain loop over RoundEngine with "
+                 "hf_localsgd.core.partition.worst_case_shards (an empty rank calls engine.step() only)")
         if self.pseudo_sync_prob > 0 and getattr(self, "fp16", False):
             fail("pseudo_sync_prob", "PALSGD skips the gradients of pseudo-synchronization steps, which fp16's "
                  "gradient scaler cannot step without; use bf16")

@@ -20,6 +20,9 @@ from ..core.data_parallel import fsdp_modules
 from ..core.topology import Topology
 
 
+UNATTACHED = ("LocalSGDCallback cannot switch off DDP's gradient all-reduce from a `callbacks=[...]` list: "
+              "Trainer never hands callbacks its DDP wrapper. Use LocalSGDTrainer, or attach the callback "
+              "to your trainer instead: `LocalSGDCallback.attach(trainer, local_sgd_args)`.")
 # Setups in which something other than a replica per rank (or per island) holds the parameters.
 UNSUPPORTED = ("DEEPSPEED", "XLA", "MEGATRON_LM")
 
@@ -89,11 +92,7 @@ def find_wrapper(trainer, model, world_size: int) -> nn.Module | None:
     if world_size == 1:
         return None
     if trainer is None:
-        raise RuntimeError(
-            "LocalSGDCallback cannot switch off DDP's gradient all-reduce from a `callbacks=[...]` list: "
-            "Trainer never hands callbacks its DDP wrapper. Use LocalSGDTrainer, or attach the callback "
-            "to your trainer instead: `LocalSGDCallback.attach(trainer, local_sgd_args)`."
-        )
+        raise RuntimeError(UNATTACHED)
     wrapped = trainer.model_wrapped
     if isinstance(wrapped, DistributedDataParallel) or fsdp_modules(wrapped):
         return wrapped

@@ -2,9 +2,11 @@
 
 A thin subclass: the work is done by `LocalSGDCallback`, attached at construction. `LocalSGDTrainerMixin`
 holds the overrides, so that any `Trainer` subclass can have them (`class SFTLocalSGDTrainer(
-LocalSGDTrainerMixin, SFTTrainer)`): `train` (to tell the callback which checkpoint it resumes from),
-`_save_checkpoint` (to write each rank's state before Trainer pushes the checkpoint) and `evaluate` (both also
-put the global model in, whichever callback asked for them), `create_model_card` (to record the method), for
+LocalSGDTrainerMixin, SFTTrainer)`): `train` (to resume from the newest checkpoint complete on every rank,
+check the one it is given before Trainer loads it, and tell the callback which one it resumes from),
+`_save_checkpoint` (to write each rank's state before Trainer pushes the checkpoint, and to rotate checkpoints
+without ever deleting the newest complete one) and `evaluate` (both also put the global model in, whichever
+callback asked for them), `create_model_card` (to record the method), for
 PALSGD and `data_partition="by_label"`, `training_step` and `_get_train_sampler`, and for `lr_scaling`,
 `set_initial_training_values` and `create_scheduler` (the budget of the base run, below).
 
@@ -28,11 +30,11 @@ import sys
 import torch
 import torch.distributed as dist
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..core.adascale import most_steps
 from ..core.partition import LabelShardSampler
 from .callback import MODEL_TAG, LocalSGDCallback
+from .checkpoint_dirs import resolve_resume, rotate_checkpoints
 from .card import method_card_section
 from .config import LocalSGDArguments, LocalSGDConfig
 from .parallel import shard_inside_islands
@@ -113,7 +115,17 @@ class LocalSGDTrainerMixin:
             self.local_sgd.write_state(self.args, self.state, self.optimizer)
             self.local_sgd.load_global_model()
             self.accelerator.wait_for_everyone()
-        super()._save_checkpoint(model, trial)
+        # Trainer's rotation keeps the most recent checkpoint, which after a crash mid-save (left over from an
+        # earlier run) may be one no run can resume from: rotate here instead, also keeping the newest complete.
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            rotate_checkpoints(self._get_output_dir(trial=trial), limit, self.state.best_model_checkpoint,
+                               self.args.world_size)
 
     def evaluate(self, *posargs, **kwargs):
         # During training, the global model is evaluated (schedule-free: x), also when a callback after
@@ -123,8 +135,10 @@ class LocalSGDTrainerMixin:
         return super().evaluate(*posargs, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *posargs, **kwargs):
-        if resume_from_checkpoint is True:  # left True when there is none, so that Trainer raises its error
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        # True: the newest checkpoint complete for every rank (left True when there is none at all, so that
+        # Trainer raises its error); a path: checked, on every rank, before Trainer loads anything from it.
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        resume_from_checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir, self.args, trainable)
         self.local_sgd.resume_from_checkpoint = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
         return super().train(resume_from_checkpoint, *posargs, **kwargs)
 

@@ -146,7 +146,8 @@ def pack_into_blocks(
     in exchange for a pure per-batch map that `datasets` can cache, parallelize and stream.
     """
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token, which separates packed documents")
+        raise ValueError("tokenizer_name: the tokenizer has no eos_token, which separates packed documents; "
+                         "use one that has, or set its eos_token")
 
     def pack(batch):
         ids = tokenizer(batch[text_column], add_special_tokens=True)["input_ids"]

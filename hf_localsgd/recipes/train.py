@@ -12,7 +12,10 @@ through the same parsing: an unknown key or a value of the wrong type stops the 
 the key, before anything is loaded. `python -m hf_localsgd.train --help` lists every key.
 
 The run trains, saves the model and tokenizer to `output_dir`, evaluates held-out loss and perplexity,
-and writes them to `eval_results.json` and the model card.
+and writes them to `eval_results.json` and the model card. It exits non-zero on every failure: a bad key or
+value (2, before anything is loaded), a checkpoint that cannot be resumed from (1, checked before the model
+is built), an error in training (1), and weights that ended non-finite (1, and the model is not saved); 0
+only when the saved model is the finite global model.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+import torch
 import yaml
 from transformers import HfArgumentParser, Trainer, default_data_collator, set_seed
 
+from ..core.checkpoint import CheckpointError
+from ..integrations.checkpoint_dirs import resolve_resume
 from ..integrations.config import LocalSGDConfig
 from ..integrations.trainer import LocalSGDTrainer
 from .data import DataArguments, build_lm_datasets, load_tokenizer
@@ -163,6 +169,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if data_args.block_size > max_positions:  # checked before minutes of tokenization, not after
         sys.exit(f"error: block_size ({data_args.block_size}) exceeds {model_args.model_config}'s "
                  f"max_position_embeddings ({max_positions})")
+    resume = resume_argument(training_args.resume_from_checkpoint)
+    if resume is not None and script_args.trainer == "localsgd":
+        # The checkpoint is checked now (on every rank, which agree), not after tokenizing and building the model.
+        _ = training_args.device  # joins the process group, as Trainer would
+        try:
+            resume = resolve_resume(resume, training_args.output_dir, training_args)
+        except CheckpointError as err:
+            sys.exit(f"error: {err}")
     try:
         tokenizer = load_tokenizer(model_args.tokenizer_name)
         train_dataset, eval_dataset = build_lm_datasets(
@@ -184,7 +198,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         preprocess_logits_for_metrics=token_nll,
         compute_metrics=perplexity,
     )
-    train_result = trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    non_finite = [name for name, p in trainer.model.named_parameters() if not torch.isfinite(p).all()]
+    if non_finite:  # the exit code says whether output_dir holds a usable model
+        sys.exit(f"error: training ended with non-finite weights in {len(non_finite)} parameter tensors (the first: "
+                 f"{non_finite[0]}); the model was not saved. Lower learning_rate or outer_lr, or set max_grad_norm, "
+                 "and resume from a checkpoint before it diverged")
     trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)

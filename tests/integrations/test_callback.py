@@ -41,12 +41,12 @@ def test_callback_with_another_trainer_and_separate_options(tmp_path, caplog):
 
 
 def test_callback_needs_local_sgd_options(tmp_path):
-    trainer = Trainer(
-        model=tiny_model(), train_dataset=data(), callbacks=[LocalSGDCallback()],
-        args=TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True),
-    )
+    """Said when the Trainer is built (the callback's on_init_end), not when training starts."""
     with pytest.raises(TypeError, match="LocalSGDArguments"):
-        trainer.train()
+        Trainer(
+            model=tiny_model(), train_dataset=data(), callbacks=[LocalSGDCallback()],
+            args=TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True),
+        )
 
 
 def test_unattached_callback_refuses_multi_process_runs(monkeypatch):
@@ -57,6 +57,10 @@ def test_unattached_callback_refuses_multi_process_runs(monkeypatch):
     state = SimpleNamespace(max_steps=10, global_step=0)
     with pytest.raises(RuntimeError, match=r"LocalSGDCallback.attach\(trainer"):
         callback.on_train_begin(SimpleNamespace(n_gpu=1), state, None, model=tiny_model())
+    # Given to a Trainer's constructor in callbacks=[...], it says so there (on_init_end), before training starts.
+    with pytest.raises(RuntimeError, match=r"LocalSGDCallback.attach\(trainer"):
+        callback.on_init_end(SimpleNamespace(world_size=2), state, None)
+    callback.on_init_end(SimpleNamespace(world_size=1), state, None)
 
 
 @pytest.mark.parametrize("distributed_type", ["DEEPSPEED", "FSDP"])

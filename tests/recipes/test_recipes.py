@@ -141,3 +141,49 @@ def test_a_bad_key_or_flag_prints_the_usage_line_and_the_error_only(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith("usage: python -m hf_localsgd.train [RECIPE.yaml]")
     assert err[1].startswith("hf_localsgd.train: error: ") and err[1].endswith(message)
+
+
+def test_a_checkpoint_that_cannot_be_resumed_stops_the_recipe_before_anything_is_built(tmp_path, monkeypatch):
+    """Checked before the tokenizer, the data and the model (minutes at scale), with exit code 1."""
+    import hf_localsgd.recipes.train as recipe
+
+    monkeypatch.setattr(recipe, "load_tokenizer", lambda name: pytest.fail("the tokenizer was loaded"))
+    missing = tmp_path / "checkpoint-40"
+    with pytest.raises(SystemExit) as exit_:
+        recipe.main(["--output_dir", str(tmp_path), "--use_cpu", "true", "--resume_from_checkpoint", str(missing)])
+    assert str(exit_.value.code).startswith(f"error: resume_from_checkpoint: {missing} cannot be resumed from: the "
+                                            "folder does not exist")
+
+
+def test_non_finite_weights_at_the_end_are_not_saved_and_exit_non_zero(tmp_path, monkeypatch):
+    """The exit code says whether output_dir holds a usable model: 0 only for a finite one."""
+    import torch
+
+    import hf_localsgd.recipes.train as recipe
+
+    saved = []
+
+    class Diverged:  # stands in for LocalSGDTrainer: training ends with a NaN in the global model
+        def __init__(self, model, **kwargs):
+            self.model = model
+
+        def train(self, resume_from_checkpoint=None):
+            with torch.no_grad():
+                next(self.model.parameters())[0].fill_(float("nan"))
+
+        def save_model(self):
+            saved.append(True)
+
+    monkeypatch.setattr(recipe, "LocalSGDTrainer", Diverged)
+    class Tokenizer:  # what building the demo model reads of one
+        bos_token_id = eos_token_id = pad_token_id = 0
+
+        def __len__(self):
+            return 64
+
+    monkeypatch.setattr(recipe, "load_tokenizer", lambda name: Tokenizer())
+    monkeypatch.setattr(recipe, "build_lm_datasets", lambda *args, **kwargs: (None, None))
+    with pytest.raises(SystemExit) as exit_:
+        recipe.main(["--output_dir", str(tmp_path), "--use_cpu", "true"])
+    assert str(exit_.value.code).startswith("error: training ended with non-finite weights in 1 parameter tensors")
+    assert saved == []

@@ -1,0 +1,126 @@
+"""Faults on real processes (gloo): a rank killed while writing its checkpoint, a damaged state file, a worker
+SIGKILLed mid-round under `accelerate launch`. Each launch has a timeout that kills every process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import CPU_2PROC, ROOT, SCENARIOS, free_port, launch_env, start_ranks, wait_ranks
+
+
+SCENARIO = str(SCENARIOS / "faults.py")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One launch whose rank 1 dies writing its 2nd state file, then one that resumes after it."""
+    out = tmp_path_factory.mktemp("faults")
+    started = time.monotonic()
+    codes, outputs, timed_out = wait_ranks(*start_ranks([SCENARIO, str(out), "crash"]), timeout=180)
+    crash = {"codes": codes, "outputs": outputs, "timed_out": timed_out, "seconds": time.monotonic() - started}
+    codes, outputs, timed_out = wait_ranks(*start_ranks([SCENARIO, str(out), "resume"]), timeout=300)
+    assert codes == [0, 0] and not timed_out, "\n".join(o[-4000:] for o in outputs)
+    results = [json.loads((out / f"result_rank{rank}.json").read_text()) for rank in range(2)]
+    return crash, results
+
+
+def test_a_rank_killed_while_writing_its_state_leaves_the_last_complete_checkpoint_to_resume_from_exactly(runs):
+    crash, (r0, r1) = runs
+    assert crash["codes"][1] == -signal.SIGKILL and not crash["timed_out"]  # rank 1 died where intended...
+    assert "rank 1 was not killed" not in crash["outputs"][0]
+    # ...half-way through its file of checkpoint-6, after rank 0 had written its own and before Trainer's save.
+    assert r0["crashed_checkpoints"]["checkpoint-6"] == ["local_sgd_rank0.pt", "local_sgd_rank1.pt.tmp"]
+    assert "local_sgd_rank1.pt" in r0["crashed_checkpoints"]["checkpoint-3"]
+    for r in (r0, r1):
+        assert r["resumed_from"] == "checkpoint-3"  # not the newer, incomplete checkpoint-6
+        assert r["resumed"] == r["full"]  # bit-exact: weights, global model, number of syncs
+    assert r0["checkpoints_after"] == ["checkpoint-12"]  # the resumed run rotated (save_total_limit=1) past it
+
+
+def test_a_truncated_state_file_stops_every_rank_with_an_error_naming_it_and_its_rank(runs):
+    _, (r0, r1) = runs
+    damaged = os.path.join(r0["damaged"], "local_sgd_rank1.pt")
+    for r in (r0, r1):
+        # Trainer: checked on every rank before Trainer loads the checkpoint.
+        assert r["trainer_error"].startswith(f"resume_from_checkpoint: {r0['damaged']} cannot be resumed from: "
+                                             "local_sgd_rank1.pt (the state of rank 1) is truncated")
+        # A plain loop: resume_rank_state's agreement; the newest complete checkpoint offered is named.
+        assert r["engine_error"].startswith(f"{damaged}: the state file of rank 1 is truncated")
+        assert r["engine_error"].endswith("checkpoint-12: resume from it.") and "crashed" in r["engine_error"]
+        # A plain loop resuming a checkpoint that only rank 0 wrote its file into: both stop.
+        assert r["missing_error"].startswith("1 of 2 ranks found their local_sgd_rank*.pt file in the checkpoint")
+
+
+@pytest.mark.slow
+def test_a_truncated_state_file_ends_every_rank_non_zero_without_a_hang(runs):
+    """Nothing catches the error: each rank must exit by itself (none waits in a collective for another), with a
+    non-zero code: 1, or gloo's abort at exit (-6) when the other rank closed its connections first
+    (`pytest -m slow`; the ranks' agreement itself is checked by the test above, in the default suite)."""
+    _, (r0, _) = runs
+    started = time.monotonic()
+    codes, outputs, timed_out = wait_ranks(
+        *start_ranks([SCENARIO, os.path.dirname(r0["damaged"]), "truncated_exit", r0["damaged"]]),
+        timeout=120, first_failure_ends_all=False,
+    )
+    assert not timed_out and all(code not in (0, None) for code in codes), (codes, time.monotonic() - started)
+    for out in outputs:
+        assert "CheckpointError: resume_from_checkpoint: " in out and "(the state of rank 1) is truncated" in out
+
+
+def processes_in_groups(groups: set[int]) -> list[int]:
+    """Live (not zombie) processes whose process group is one of ``groups``, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) in groups:
+            found.append(int(entry))
+    return found
+
+
+def test_sigkill_of_one_worker_mid_round_ends_the_launch_non_zero_with_no_process_left(tmp_path):
+    """accelerate's launcher (torch elastic) tears the group down when a worker dies; the survivor must not sit in
+    its next outer all-reduce waiting for a dead peer."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC), "--num_processes",
+           "2", "--main_process_port", str(free_port()), SCENARIO, str(tmp_path), "long"]
+    log = open(tmp_path / "launch.log", "w+")
+    launcher = subprocess.Popen(cmd, env=launch_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    groups = {launcher.pid}
+    try:
+        deadline = time.monotonic() + 180
+        ready = [tmp_path / f"ready_rank{rank}" for rank in range(2)]
+        while not all(path.exists() for path in ready):
+            assert launcher.poll() is None and time.monotonic() < deadline, (log.seek(0), log.read()[-4000:])
+            time.sleep(0.1)
+        pids = [int(path.read_text()) for path in ready]
+        groups |= {os.getpgid(pid) for pid in pids}  # torch elastic starts each worker in a session of its own
+        os.kill(pids[1], signal.SIGKILL)
+        killed = time.monotonic()
+        code = launcher.wait(timeout=60)
+        seconds = time.monotonic() - killed
+        assert code != 0
+        while processes_in_groups(groups) and time.monotonic() < killed + 60:
+            time.sleep(0.1)
+        assert processes_in_groups(groups) == [], "processes left behind"
+        print(f"launcher exited {code} {seconds:.1f} s after the SIGKILL")
+        assert seconds < 60
+    finally:
+        for group in groups:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        launcher.wait()
+        log.close()
