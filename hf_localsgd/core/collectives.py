@@ -20,6 +20,19 @@ from .metrics import ring_bytes
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+class Pending:
+    """A sum in flight: ``wait()`` returns it, once every rank's part has arrived."""
+
+    def __init__(self, result: torch.Tensor, work=None):
+        self.result, self.work = result, work
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.result
+
+
 class AllReduce:
     """Sums float32 buffers over ``group`` (the default group when ``None``), ``comm_dtype`` on the wire."""
 
@@ -39,13 +52,17 @@ class AllReduce:
         """The sum of ``buf`` over the replicas: ``buf`` itself, summed in place, or, for a narrower wire dtype,
         a summed copy in that dtype (made in one conversion pass) that the caller reads back. ``exact`` sums in
         float32 whatever the wire dtype (statistics that are differences of near-equal numbers)."""
+        return self.start(buf, exact).wait()
+
+    def start(self, buf: torch.Tensor, exact: bool = False) -> Pending:
+        """`sum_` without waiting: the collective runs in the background (``async_op``) until ``wait()``. Nothing
+        else may use ``buf`` until then."""
         if self.world_size == 1:
-            return buf
+            return Pending(buf)
         dtype = torch.float32 if exact else self.dtype
         wire = buf if dtype == buf.dtype else buf.to(dtype)
         # bfloat16 has float32's range: the sum of K outer gradients overflows no sooner than their mean.
-        dist.all_reduce(wire, group=self.group)
-        return wire
+        return Pending(wire, dist.all_reduce(wire, group=self.group, async_op=True))
 
     def bytes_sent(self, numel: int, exact_numel: int = 0) -> float:
         """Bytes this rank sends to sum ``numel`` elements in the wire dtype and ``exact_numel`` in float32
