@@ -124,6 +124,10 @@ def triggers(tmp_path, capsys, monkeypatch) -> dict:
             patch.setenv("WORLD_SIZE", "2")
             check_launch()
 
+    def resume_other_islands():
+        engine = RoundEngine(toy_model(), sync_every=2)
+        engine.load_state_dict({**engine.state_dict(), "island_size": 2})
+
     def resume(path, run_dir=tmp_path, opts=NESTEROV, **kwargs):
         return lambda: resolve_resume(str(path), str(run_dir), opts, **kwargs)
 
@@ -174,8 +178,21 @@ def triggers(tmp_path, capsys, monkeypatch) -> dict:
         "pseudo_sync_prob: PALSGD skips the gradients of pseudo-synchronization steps":
             config(tmp_path, fp16=True, pseudo_sync_prob=0.1),
         "deepspeed: DeepSpeed manages gradient reduction itself": config(tmp_path, deepspeed="ds_config.json"),
+        "fsdp: FSDP would shard the model over all ranks, while local SGD keeps one replica per worker: set island_size":
+            config(tmp_path, fsdp="full_shard"),
+        "fsdp_config: islands shard with FSDP2; got version 1":
+            config(tmp_path, fsdp="full_shard", fsdp_config={"version": 1}, island_size=2),
+        "ddp_find_unused_parameters: DDP's search for unused parameters all-reduces a map of them over all ranks in "
+        "every backward": config(tmp_path, island_size=2, ddp_find_unused_parameters=True),
         "RuntimeError: Local SGD does not support distributed_type=…": lambda: check_supported(
+            SimpleNamespace(accelerator=SimpleNamespace(distributed_type="DistributedType.DEEPSPEED")),
+            SimpleNamespace(n_gpu=1)),
+        "RuntimeError: island_size: FSDP (distributed_type=FSDP in your accelerate config) would shard the model over "
+        "all ranks": lambda: check_supported(
             SimpleNamespace(accelerator=SimpleNamespace(distributed_type="DistributedType.FSDP")), SimpleNamespace(n_gpu=1)),
+        "ValueError: island_size: the … processes cannot be cut into islands of … ranks":
+            lambda: RoundEngine(toy_model(), island_size=3),
+        "island_size: the checkpoint was written with islands of … ranks, this run has …": resume_other_islands,
         "RuntimeError: Local SGD does not support torch.nn.DataParallel over … GPUs in one process":
             lambda: check_supported(None, SimpleNamespace(n_gpu=2)),
         "data_partition: 'worst_case' leaves all but one rank without data": config(tmp_path, data_partition="worst_case"),

@@ -6,10 +6,11 @@ operations and a collective moves one contiguous buffer per bucket. Buckets are 
 parameters of about `bucket_numel` elements: one collective each, and, with the state offloaded to the host,
 the most of the outer gradient that exists on the device at once.
 
-A layout may cover a part ``[start, end)`` of the vector only (`FlatParams.part`): the rank of an island that
-keeps the global model and outer state for 1/island_size of the parameters (`hf_localsgd.core.shard`). Its
-first and last parameters may then be cut: a *piece* is the run of a parameter's flattened elements that the
-layout covers. Parameters sharded by FSDP2 (DTensors) contribute the shard this rank holds.
+A layout may cover spans of the vector only: a fragment of the model that synchronizes on its own
+(`hf_localsgd.core.streaming`), or the part a rank of an island keeps the global model and outer state for,
+1/island_size of the parameters (`FlatParams.part`, `hf_localsgd.core.shard`). Parameters may then be cut: a
+*piece* is the run of a parameter's flattened elements that the layout covers. Parameters sharded by FSDP2
+(DTensors) contribute the shard this rank holds.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def local_values(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Piece:
-    """Elements ``[lo, hi)`` of ``param`` flattened, at ``[start, start + hi - lo)`` of the layout."""
+    """Elements ``[lo, hi)`` of ``param`` flattened, at positions ``[start, start + hi - lo)`` of the layout."""
 
     param: nn.Parameter
     lo: int
@@ -85,11 +86,11 @@ class Bucket:
 
 
 class FlatParams:
-    """The flat layout of ``params`` (or of the span ``[start, end)`` of their concatenation): views of flat
-    tensors shaped like the parameters, and copies between the parameters and a flat tensor. Empty parameters
-    carry nothing and are left out."""
+    """The flat layout of ``params`` (or of the ``spans`` of their concatenation, in order): views of flat
+    tensors shaped like the parameters, and copies between the parameters and a flat tensor. Positions in a flat
+    tensor of the layout count from 0 over its spans. Empty parameters carry nothing and are left out."""
 
-    def __init__(self, params, bucket_numel: float, start: int = 0, end: int | None = None, before_write=None):
+    def __init__(self, params, bucket_numel: float, spans: list[tuple[int, int]] | None = None, before_write=None):
         self.before_write = before_write  # called before the model's values are written (FSDP2: reshard first)
         self.params = [p for p in params if local_values(p).numel() > 0]
         if not self.params:
@@ -100,26 +101,29 @@ class FlatParams:
         self.device = devices.pop()
         self.bucket_numel = bucket_numel
         self.total_numel = sum(local_values(p).numel() for p in self.params)  # of the whole vector
-        self.start, self.end = start, self.total_numel if end is None else end
-        self.numel = self.end - self.start
+        self.spans = [(0, self.total_numel)] if spans is None else [(a, b) for a, b in spans if a < b]
+        self.numel = sum(b - a for a, b in self.spans)
         self.pieces = self._cut()
         self.bytes = sum(piece.numel * piece.param.element_size() for piece in self.pieces)  # in their own dtypes
         self.buckets = self._make_buckets(bucket_numel)
 
     def _cut(self) -> list[Piece]:
-        pieces, offset = [], 0
-        for p in self.params:
-            n = local_values(p).numel()
-            lo, hi = max(self.start - offset, 0), min(self.end - offset, n)
-            if lo < hi:
-                if (lo, hi) != (0, n) and not local_values(p).is_contiguous():
-                    raise ValueError("A layout that cuts a parameter needs it contiguous")
-                pieces.append(Piece(p, lo, hi, offset + lo))
-            offset += n
+        pieces, position = [], 0
+        for first, last in self.spans:
+            offset = 0
+            for p in self.params:
+                n = local_values(p).numel()
+                lo, hi = max(first - offset, 0), min(last - offset, n)
+                if lo < hi:
+                    if (lo, hi) != (0, n) and not local_values(p).is_contiguous():
+                        raise ValueError("A layout that cuts a parameter needs it contiguous")
+                    pieces.append(Piece(p, lo, hi, position))
+                    position += hi - lo
+                offset += n
         return pieces
 
     def _make_buckets(self, bucket_numel: float) -> list[Bucket]:
-        buckets, start, members, size = [], self.start, [], 0
+        buckets, start, members, size = [], 0, [], 0
         for piece in self.pieces:
             if members and size + piece.numel > bucket_numel:
                 buckets.append(Bucket(start, start + size, members))
@@ -129,26 +133,40 @@ class FlatParams:
         buckets.append(Bucket(start, start + size, members))
         return buckets
 
+    def subspans(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The spans of the whole vector that positions ``[start, end)`` of this layout cover."""
+        out, position = [], 0
+        for a, b in self.spans:
+            lo, hi = max(start - position, 0), min(end - position, b - a)
+            if lo < hi:
+                out.append((a + lo, a + hi))
+            position += b - a
+        return out
+
     def part(self, index: int, count: int) -> FlatParams:
-        """The layout of the ``index``-th of ``count`` equal spans of this one (the last ones may be shorter,
-        even empty), with the same bucket size."""
+        """The layout of the ``index``-th of ``count`` equal runs of this one's positions (the last ones may be
+        shorter, even empty), with the same bucket size."""
         chunk = self.chunk(count)
-        start = min(self.start + index * chunk, self.end)
-        return FlatParams(self.params, self.bucket_numel, start, min(start + chunk, self.end), self.before_write)
+        return FlatParams(self.params, self.bucket_numel, self.subspans(index * chunk, (index + 1) * chunk),
+                          self.before_write)
 
     def chunk(self, count: int) -> int:
-        """The length of each of ``count`` equal spans of the layout (the last padded)."""
+        """The length of each of ``count`` equal runs of the layout's positions (the last padded)."""
         return math.ceil(self.numel / count)
+
+    def select(self, whole: torch.Tensor) -> torch.Tensor:
+        """This layout's elements of ``whole``, a flat tensor of the whole vector (a new tensor)."""
+        return torch.cat([whole[a:b] for a, b in self.spans]) if self.spans else whole[:0].clone()
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of ``flat`` (a tensor of the whole layout) shaped like the pieces."""
-        return [piece.view(flat, self.start) for piece in self.pieces]
+        return [piece.view(flat, 0) for piece in self.pieces]
 
     def empty(self, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.empty(self.numel, dtype=torch.float32, device=self.device if device is None else device)
 
     def _bucket_span(self, flat: torch.Tensor, b: Bucket) -> torch.Tensor:
-        return flat[b.start - self.start : b.end - self.start]
+        return flat[b.start : b.end]
 
     @torch.no_grad()
     def copy_from_model(self, flat: torch.Tensor) -> None:
@@ -180,7 +198,7 @@ class FlatParams:
     def copy_grads(self, flat: torch.Tensor) -> None:
         """The parameters' gradients into ``flat`` (zeros where a parameter has none)."""
         flat.zero_()
-        pairs = [(piece.view(flat, self.start), piece.of(piece.param.grad)) for piece in self.pieces
+        pairs = [(piece.view(flat, 0), piece.of(piece.param.grad)) for piece in self.pieces
                  if piece.param.grad is not None]
         if pairs:
             torch._foreach_copy_([v for v, _ in pairs], [g for _, g in pairs])

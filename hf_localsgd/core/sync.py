@@ -53,7 +53,7 @@ class OuterSync:
         """Make the global copy and the model identical on every replica (the group's first rank's), so that
         a loop without DDP's initial broadcast cannot drift silently."""
         for b in self.flat.buckets:
-            span = self.global_params[b.start - self.flat.start : b.end - self.flat.start]
+            span = self.global_params[b.start : b.end]
             buf = span.to(self.flat.device)
             self.reducer.broadcast_(buf)
             span.copy_(buf)
@@ -109,7 +109,7 @@ class OuterSync:
         on_model_device = self.state_device == flat.device
         sq_norm = None
         for b in flat.buckets:
-            start, end = b.start - flat.start, b.end - flat.start  # (the layout may be a span: IslandShard)
+            start, end = b.start, b.end
             last = end == numel
             stop = end + (tail_numel if last and fused else 0)
             buf = delta[start:stop] if on_model_device else torch.empty(stop - start, device=flat.device)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,9 +108,10 @@ class FakeGroup:
         monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
         monkeypatch.setattr(dist, "all_reduce", self.all_reduce)
 
-    def all_reduce(self, tensor, group=None):
+    def all_reduce(self, tensor, group=None, async_op=False):
         self.wire.append((tensor.dtype, tensor.numel()))
         tensor.mul_(2)
+        return SimpleNamespace(wait=lambda: None) if async_op else None
 
 
 @pytest.mark.parametrize("comm_dtype", ["bfloat16", "float32"])

@@ -37,13 +37,13 @@ def test_parts_cut_parameters_and_cover_the_layout_once():
     params = list(m.parameters())  # 35, 7, 21, 3 elements
     full = FlatParams(params, bucket_numel=20)
     parts = [full.part(i, 3) for i in range(3)]
-    assert [(p.start, p.end) for p in parts] == [(0, 22), (22, 44), (44, 66)] and full.chunk(3) == 22
-    assert [(q.lo, q.hi, q.start) for q in parts[1].pieces] == [(22, 35, 22), (0, 7, 35), (0, 2, 42)]
-    assert [(b.start, b.end) for b in parts[1].buckets] == [(22, 42), (42, 44)]  # whole pieces per bucket
+    assert [p.spans for p in parts] == [[(0, 22)], [(22, 44)], [(44, 66)]] and full.chunk(3) == 22
+    assert [(q.lo, q.hi, q.start) for q in parts[1].pieces] == [(22, 35, 0), (0, 7, 13), (0, 2, 20)]
+    assert [(b.start, b.end) for b in parts[1].buckets] == [(0, 20), (20, 22)]  # whole pieces per bucket
     assert parts[1].bytes == 22 * 4 and full.part(4, 5).numel == 66 - 4 * 14
     x = torch.arange(66, dtype=torch.float32)
     for part in parts:
-        part.copy_to_model(x[part.start : part.end])
+        part.copy_to_model(part.select(x))
     out = full.empty()
     full.copy_from_model(out)
     assert torch.equal(out, x)
@@ -57,6 +57,24 @@ def test_parts_cut_parameters_and_cover_the_layout_once():
     grads = torch.full((22,), 7.0)
     parts[1].copy_grads(grads)
     assert grads.tolist() == [1.0] * 13 + [0.0] * 9
+
+
+def test_a_layout_of_several_spans_and_its_parts():
+    """A fragment of the model: spans of the vector in order, its positions counted over them; its parts cut
+    those positions."""
+    m = model()
+    full = FlatParams(list(m.parameters()), bucket_numel=1e9)  # 35, 7, 21, 3 elements
+    fragment = FlatParams(list(m.parameters()), 1e9, spans=[(30, 40), (60, 66)])
+    assert fragment.numel == 16 and [(q.lo, q.hi, q.start) for q in fragment.pieces] == \
+        [(30, 35, 0), (0, 5, 5), (18, 21, 10), (0, 3, 13)]
+    x = torch.arange(66, dtype=torch.float32)
+    assert fragment.select(x).tolist() == list(range(30, 40)) + list(range(60, 66))
+    assert fragment.part(1, 2).spans == [(38, 40), (60, 66)] and fragment.part(0, 2).spans == [(30, 38)]
+    full.copy_to_model(torch.zeros(66))
+    fragment.copy_to_model(fragment.select(x))
+    out = full.empty()
+    full.copy_from_model(out)
+    assert out.tolist() == [0.0] * 30 + list(range(30, 40)) + [0.0] * 20 + list(range(60, 66))
 
 
 def test_pull_and_gradients():

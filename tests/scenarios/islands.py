@@ -105,7 +105,7 @@ def reference(world: int, island_size: int) -> list[torch.Tensor]:
 def this_ranks_part(engine, model, full: torch.Tensor) -> torch.Tensor:
     """The part of a whole flat model (in the model's parameter order) that ``engine.global_params`` holds."""
     if engine.shard.owned is not engine.flat:  # DDP inside: a span of the flat layout
-        return full[engine.shard.owned.start : engine.shard.owned.end]
+        return engine.shard.owned.select(full)
     from torch.distributed.tensor import distribute_tensor
 
     parts, offset = [], 0
