@@ -16,9 +16,13 @@ from .hooks import RoundHook
 from .options import LocalSGDOptions
 from .palsgd import PseudoSync
 from .flat import FlatParams
+from .overlap import DelayedSync, EagerSync
 from .shard import IslandShard, Replica, build_shard, is_sharded
+from .streaming import StreamingSync, fragment_spans
 from .sync import OuterSync
 from .topology import Topology
+
+SYNCS = {"none": OuterSync, "delayed": DelayedSync, "eager": EagerSync}
 
 
 def build_islands(options: LocalSGDOptions, flat: FlatParams, group: dist.ProcessGroup | None,
@@ -32,14 +36,32 @@ def build_islands(options: LocalSGDOptions, flat: FlatParams, group: dist.Proces
     return topology, build_shard(flat, topology, replicated_within_island=not is_sharded(flat.params))
 
 
-def build_reducer(options: LocalSGDOptions, group: dist.ProcessGroup | None) -> AllReduce:
+def overlapped(options: LocalSGDOptions) -> bool:
+    return options.outer_overlap != "none" or options.num_fragments > 1
+
+
+def build_reducer(options: LocalSGDOptions, topology: Topology) -> AllReduce:
+    # A sum left in flight runs over a process group of its own: on the group other collectives use (Trainer's
+    # metric gathers, say) they would queue behind it.
+    group = topology.private_across() if overlapped(options) else topology.across
     return AllReduce(group, options.outer_comm_dtype)
 
 
 def build_sync(options: LocalSGDOptions, shard: Replica | IslandShard, reducer: AllReduce, total_rounds: int | None,
-               topology: Topology) -> OuterSync:
+               topology: Topology, model=None, default_timeout: float | None = None) -> OuterSync | StreamingSync:
+    """The sync unit: blocking, delayed, eager, or streaming fragments (each a blocking unit of its own part)."""
     state_device = shard.owned.device if options.outer_state_device == "model" else torch.device("cpu")
-    return OuterSync(shard, reducer, options, state_device, total_rounds, topology)
+    timeout = options.sync_timeout_seconds if options.sync_timeout_seconds is not None else default_timeout
+    if options.num_fragments > 1:
+        flat = shard.full
+        fragments = []
+        for spans in fragment_spans(model, flat, options.num_fragments):
+            layout = FlatParams(flat.params, flat.bucket_numel, spans, flat.before_write)
+            fragment_shard = build_shard(layout, topology, replicated_within_island=not is_sharded(flat.params))
+            fragments.append(OuterSync(fragment_shard, reducer, options, state_device, total_rounds, topology,
+                                       timeout))
+        return StreamingSync(fragments, options.fragment_sync_delay, options.fragment_update_alpha)
+    return SYNCS[options.outer_overlap](shard, reducer, options, state_device, total_rounds, topology, timeout)
 
 
 def build_hooks(options: LocalSGDOptions, *, seed: int, total_steps: int | None) -> list[RoundHook]:

@@ -8,6 +8,8 @@ island's spans of the global model together (`hf_localsgd.core.shard`).
 
 from __future__ import annotations
 
+import atexit
+import datetime
 import os
 import sys
 
@@ -20,15 +22,34 @@ from .metrics import ring_bytes
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+class SyncTimeoutError(RuntimeError):
+    """The other replicas did not complete an outer sync in time (``sync_timeout_seconds``)."""
+
+
+def exit_nonzero_at_exit() -> None:
+    """Make this process exit with status 1 when it ends: a collective left waiting keeps gloo's threads from
+    ever letting it exit otherwise (its ranks would hang after the error instead of stopping)."""
+    atexit.register(os._exit, 1)
+
+
 class Pending:
     """A sum in flight: ``wait()`` returns it, once every rank's part has arrived."""
 
     def __init__(self, result: torch.Tensor, work=None):
         self.result, self.work = result, work
 
-    def wait(self) -> torch.Tensor:
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        """The sum; with ``timeout`` (seconds), a `SyncTimeoutError` when it has not arrived by then."""
         if self.work is not None:
-            self.work.wait()
+            if timeout is None:
+                self.work.wait()
+            else:
+                try:
+                    self.work.wait(timeout=datetime.timedelta(seconds=timeout))
+                except RuntimeError as error:
+                    exit_nonzero_at_exit()
+                    raise SyncTimeoutError(f"the other replicas' sums did not arrive within {timeout:g} s "
+                                           f"({error})") from error
             self.work = None
         return self.result
 

@@ -15,7 +15,6 @@ It knows nothing about `transformers.Trainer` or Accelerate. A plain loop, on 2 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -27,8 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .build import build_hooks, build_islands, build_reducer, build_sync
 from .checkpoint import check_resumable
-from .collectives import check_launch
+from .collectives import SyncTimeoutError, check_launch
 from .flat import FlatParams, keep_buffers_local, warn_about_unsynchronized_buffers
+from .global_model import GlobalModelAccess
 from .hooks import RoundHook, check_hooks
 from .metrics import outer_gradient_metrics, ring_bytes, traffic_metrics
 from .options import LocalSGDOptions
@@ -40,7 +40,7 @@ from .topology import Topology
 logger = logging.getLogger(__name__)
 
 
-class RoundEngine:
+class RoundEngine(GlobalModelAccess):
     """Local SGD / DiLoCo / schedule-free outer optimization over the trainable parameters of ``model``.
 
     Args:
@@ -64,6 +64,8 @@ class RoundEngine:
             rank), instead of the options' ``sync_every`` / ``sync_every_schedule``.
         hooks: round hooks of your own (`hf_localsgd.core.hooks.RoundHook`), run after the ones the options
             switch on.
+        default_sync_timeout: the seconds an outer sync waits for the other replicas when the options'
+            ``sync_timeout_seconds`` is None (the Trainer glue passes ``ddp_timeout``).
 
     The inner step, with the calls the options need (all but ``step()`` are no-ops without PALSGD or lr
     scaling, and may be left out then):
@@ -102,6 +104,7 @@ class RoundEngine:
         bucket_size_mb: float = 256,
         schedule: Callable[[int], int] | None = None,
         hooks: Iterable[RoundHook] = (),
+        default_sync_timeout: float | None = None,
         **option_fields,
     ):
         if options is not None and option_fields:
@@ -123,7 +126,7 @@ class RoundEngine:
         self.peak_lr = peak_lr(optimizer, lr_scheduler)
         check_launch()
         self.topology, self.shard = build_islands(options, self.flat, process_group, topology)
-        self.reducer = build_reducer(options, self.topology.across)
+        self.reducer = build_reducer(options, self.topology)
         self.world_size = self.topology.num_islands  # K: the replicas of the round
         self.replica_index = self.topology.replica_index
         # what data parallelism sends per step: an all-reduce of the whole replica over every rank
@@ -133,7 +136,7 @@ class RoundEngine:
 
         self._schedule = schedule or build_sync_schedule(options, total_steps, optimizer, self.peak_lr, lr_warmup_steps)
         self.outer = build_sync(options, self.shard, self.reducer, total_rounds(options, self._schedule, total_steps),
-                                self.topology)
+                                self.topology, model, default_sync_timeout)
 
         self.hooks = [*build_hooks(options, seed=seed, total_steps=total_steps), *hooks]
         check_hooks(self.hooks)
@@ -236,6 +239,9 @@ class RoundEngine:
                 self._start_round()
             return False
         self._inner_step += 1
+        started = time.perf_counter()
+        self._in_sync(self.outer.at_step, self._inner_step, self._sync_every, self.track_metrics)  # (streaming)
+        self.seconds_in_sync += time.perf_counter() - started
         if self._inner_step >= self._sync_every:
             return self.sync()
         return False
@@ -263,97 +269,60 @@ class RoundEngine:
         started, outer_lr = time.perf_counter(), self.outer.lr
         payloads = [(hook, p) for hook in self.hooks if (p := hook.sync_payload()) is not None]
         tail = torch.cat([p for _, p in payloads]) if payloads else None
-        summed, norms = self.outer(tail, measure=self.track_metrics)
+        outcome = self._in_sync(self.outer, tail, measure=self.track_metrics)
         ended, self._inner_step = self._sync_every, 0
         self._num_syncs += 1
         self._start_round()  # before the hooks: the lr they set is the next round's (LocalAdaScale's ρ needs its H)
         metrics, offset = {}, 0
         for hook in self.hooks:
             payload = next((p for h, p in payloads if h is hook), None)
-            part = None if payload is None else summed[offset : offset + payload.numel()]
+            part = None if payload is None or outcome.tail is None else outcome.tail[offset : offset + payload.numel()]
             offset += 0 if payload is None else payload.numel()
             metrics.update(hook.after_sync(part, self._sync_every))
-        sent = self.reducer.bytes_sent(self.outer.flat.numel,
-                                       int(self.track_metrics) + (0 if tail is None else tail.numel()))
-        self.bytes_sent += sent
+        self._note_skipped(outcome)
+        self.bytes_sent += outcome.bytes_sent
         if self.track_metrics:  # .tolist() waits for the device, so the timing includes the device's work
+            norms = {} if outcome.norms is None else outer_gradient_metrics(*outcome.norms.tolist(), self.world_size)
             self.last_metrics = {
-                "round": self._num_syncs, "sync_every": ended, "outer_lr": outer_lr,
-                **outer_gradient_metrics(*norms.tolist(), self.world_size), "sync_seconds": time.perf_counter() - started,
-                **traffic_metrics(sent, self.bytes_sent, self.data_parallel_bytes), **metrics,
+                "round": self._num_syncs, "sync_every": ended, "outer_lr": outer_lr, **norms,
+                "sync_seconds": time.perf_counter() - started, "sync_wait_seconds": outcome.wait_seconds,
+                "skipped_syncs": self.outer.skipped,
+                **traffic_metrics(outcome.bytes_sent, self.bytes_sent, self.data_parallel_bytes), **metrics,
             }
         # Host wall-clock time; on an accelerator without metrics, work still queued is not in it.
         self.seconds_in_sync += time.perf_counter() - started
         return True
 
+    def _in_sync(self, call, *args, **kwargs):
+        """``call`` of the sync unit, its time-out said with the round and step it happened in."""
+        try:
+            return call(*args, **kwargs)
+        except SyncTimeoutError as error:
+            raise SyncTimeoutError(
+                f"sync_timeout_seconds: the outer sync of round {self._num_syncs + 1} (step {self._num_steps}) timed "
+                f"out: {error}. A replica stopped (a crash, a hung data loader, a dead link); this rank stops too"
+            ) from error
+
+    def _note_skipped(self, outcome) -> None:
+        if outcome.skipped:
+            logger.warning("RoundEngine: the summed outer gradient of round %d (step %d) is not finite: outer step "
+                           "skipped, every replica restarts from the global model (%d in a row; max_skipped_syncs=%d)",
+                           self._num_syncs, self._num_steps, self.outer.skipped_in_a_row, self.options.max_skipped_syncs)
+
     def finish(self) -> bool:
-        """End of training: synchronize the last, partial round and leave the global model (schedule-free: its
-        averaged x) in the model for good. Returns whether a synchronization happened."""
+        """End of training: synchronize the last, partial round, apply what is in flight, and leave the global
+        model (schedule-free: its averaged x) in the model for good. Returns whether a synchronization happened."""
         synced = self.sync()
-        self.shard.write(self.outer.eval_params())
+        flushed = self._in_sync(self.outer.flush)
+        if flushed is not None:
+            self._note_skipped(flushed)
+        self.outer.write_eval()
         return synced
 
     @property
     def data_parallel_bytes(self) -> float:
         """What this rank would have sent so far under data-parallel training: one gradient all-reduce a step."""
         return self._num_steps * self._step_bytes
-
-    # ------------------------------------------------------------------ the global model, for eval and saving
-    @property
-    def model_is_global(self) -> bool:
-        """Whether the model's weights are exactly the global model to evaluate/save (no swap needed)."""
-        if self._local_backup is not None or self.in_warmup or (self._num_syncs == 0 and self._inner_step == 0):
-            return True
-        return self._inner_step == 0 and not self.outer.eval_differs
-
-    def global_model_params(self) -> torch.Tensor:
-        """The global model to evaluate and save, flat: x_r, or the averaged x for schedule-free. (Inside a DDP
-        island its ranks all-gather their parts: all must call it.)"""
-        return self.shard.gather(self.outer.eval_params())
-
-    def local_params(self) -> torch.Tensor:
-        """This replica's current weights, flat float32 on the state device (set aside while the global model is
-        in). Not to be modified."""
-        if self._local_backup is not None:
-            return self._local_backup
-        flat = self.flat.empty(self.global_params.device)
-        self.flat.copy_from_model(flat)
-        return flat
-
-    def load_params(self, flat: torch.Tensor) -> None:
-        """Write a flat tensor (from ``local_params`` or ``global_model_params``) into the model, as this replica's
-        weights (what ``swap_in_global`` had set aside is dropped)."""
-        self._local_backup = None
-        self.flat.copy_to_model(flat)
-
-    def keep_current_weights(self) -> None:
-        """The weights now in the model stay (e.g. a best checkpoint a trainer loaded over the global model): what
-        ``swap_in_global`` had set aside is dropped."""
-        self._local_backup = None
-
-    def swap_in_global(self) -> None:
-        """Put the global model (schedule-free: x) into the model until `restore_local` (or the next step),
-        keeping this replica's weights aside. Idempotent."""
-        if not self.model_is_global:
-            self._local_backup = self.local_params()
-            self.shard.write(self.outer.eval_params())
-
-    def restore_local(self) -> None:
-        """This replica's weights back into the model after `swap_in_global`. Idempotent."""
-        if self._local_backup is not None:
-            self.flat.copy_to_model(self._local_backup)
-            self._local_backup = None
-
-    @contextlib.contextmanager
-    def global_model(self):
-        """The global model in the model for the ``with`` block (e.g. to evaluate between syncs)."""
-        swapped_here = self._local_backup is None and not self.model_is_global
-        self.swap_in_global()
-        try:
-            yield
-        finally:
-            if swapped_here:
-                self.restore_local()
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:

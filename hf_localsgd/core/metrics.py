@@ -21,6 +21,8 @@ METRICS = {
     "cosine_similarity": "mean pairwise cosine between the replicas' outer gradients",
     "drift": "mean squared distance of the replicas to their average, before the sync",
     "sync_seconds": "wall-clock time of the sync",
+    "sync_wait_seconds": "how long the inner loop waited for outer-gradient sums in flight (overlapped syncs)",
+    "skipped_syncs": "syncs skipped so far because the summed outer gradient was not finite",
     "bytes_sent": "bytes this rank sent in the sync",
     "bytes_total": "bytes this rank sent so far (warm-up all-reduces included)",
     "ddp_bytes_total": "bytes data-parallel training would have sent for the same steps",

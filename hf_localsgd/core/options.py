@@ -31,6 +31,7 @@ LR_SCALINGS = ("none", "adascale", "local_adascale")
 DATA_PARTITIONS = ("iid", "by_label", "worst_case")
 STATE_DEVICES = ("model", "cpu")
 COMM_DTYPES = ("float32", "bfloat16")
+OUTER_OVERLAPS = ("none", "delayed", "eager")
 # hf_localsgd 0.1's RoundEngine keywords: the option each is now
 RENAMED_KEYWORDS = {"warmup_steps": "local_sgd_warmup_steps", "state_device": "outer_state_device",
                     "comm_dtype": "outer_comm_dtype"}
@@ -52,6 +53,10 @@ class LocalSGDOptions:
     The outer step:
         outer_optimizer, outer_lr, outer_momentum, outer_lr_scheduler, outer_lr_plateau_fraction,
         outer_state_device, outer_comm_dtype
+    Overlapped outer steps (eager updates, streaming fragments):
+        outer_overlap, num_fragments, fragment_sync_delay, fragment_update_alpha
+    Faults:
+        max_skipped_syncs, sync_timeout_seconds
     PALSGD (pseudo-synchronization):
         pseudo_sync_prob, pseudo_sync_rate, pseudo_sync_rate_schedule
     Learning-rate scaling (AdaScale / LocalAdaScale):
@@ -117,6 +122,39 @@ class LocalSGDOptions:
     )
     outer_comm_dtype: str = _option(
         "float32", "Data type the outer gradients are all-reduced in; 'bfloat16' halves the bytes sent.", COMM_DTYPES
+    )
+    # --- overlapped outer steps
+    outer_overlap: str = _option(
+        "none", "Overlap the outer all-reduce with the next round's inner steps: 'none' (blocking), 'delayed' (the "
+                "sum of a round is applied at the end of the next one: one round stale) or 'eager' (each replica "
+                "applies its own fresh outer gradient with the others' one-round-old ones: 'Eager Updates for "
+                "Overlapped Communication and Computation in DiLoCo', arXiv:2502.12996). See docs/methods.md.",
+        OUTER_OVERLAPS,
+    )
+    num_fragments: int = _option(
+        1, "Streaming DiLoCo (arXiv:2501.18512): P fragments of the model (its transformer blocks, strided, and a "
+           "1/P share of the other parameters each), fragment p synchronized once per round at its own step, so "
+           "the bytes of one sync drop by P. sync_every must be a multiple of it; 1: the whole model at once."
+    )
+    fragment_sync_delay: int = _option(
+        1, "Streaming: τ, the inner steps a fragment's all-reduce overlaps (it is started τ steps before its "
+           "outer step), below sync_every / num_fragments."
+    )
+    fragment_update_alpha: float = _option(
+        0.0, "Streaming: α, after a fragment's outer step each replica keeps α of its own fragment (which moved on "
+             "for τ steps) and takes 1 - α of the new global one; 0 (the default, torchft's) makes the replicas "
+             "equal, the paper used 0.5."
+    )
+    # --- faults
+    max_skipped_syncs: int = _option(
+        3, "A sync whose summed outer gradient is not finite (a replica's weights went NaN or inf) is skipped: the "
+           "global model and outer state stay, every replica restarts from the global model. This many in a row "
+           "stop training with an error."
+    )
+    sync_timeout_seconds: float | None = _option(
+        None, "The longest the outer sync waits for the other replicas before every waiting rank stops with an "
+              "error naming the sync; with a Trainer, None is its ddp_timeout (the process group's), in a plain "
+              "loop no limit beyond the process group's."
     )
     # --- PALSGD
     pseudo_sync_prob: float = _option(
@@ -186,7 +224,7 @@ class LocalSGDOptions:
         # A number given as text (a hand-written config, a JSON string) would fail below with a TypeError
         # that names nothing.
         for name in ("outer_lr", "outer_momentum", "outer_lr_plateau_fraction", "pseudo_sync_prob", "pseudo_sync_rate",
-                     "lr_scaling_c", "lr_scaling_ema"):
+                     "lr_scaling_c", "lr_scaling_ema", "fragment_update_alpha", "sync_timeout_seconds"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 fail(name, f"must be a number, got {value!r}")
@@ -194,11 +232,16 @@ class LocalSGDOptions:
                               ("outer_lr_scheduler", OUTER_LR_SCHEDULERS), ("outer_state_device", STATE_DEVICES),
                               ("outer_comm_dtype", COMM_DTYPES), ("lr_scaling", LR_SCALINGS),
                               ("pseudo_sync_rate_schedule", PSEUDO_SYNC_RATE_SCHEDULES),
-                              ("data_partition", DATA_PARTITIONS)):
+                              ("data_partition", DATA_PARTITIONS), ("outer_overlap", OUTER_OVERLAPS)):
             choice(name, choices)
         integer("sync_every", 1)
         integer("local_sgd_warmup_steps", 0)
         integer("island_size", 1)
+        integer("max_skipped_syncs", 1)
+        if self.sync_timeout_seconds is not None and not (math.isfinite(self.sync_timeout_seconds)
+                                                          and self.sync_timeout_seconds > 0):
+            fail("sync_timeout_seconds", f"must be a number of seconds > 0 (or None), got {self.sync_timeout_seconds}")
+        self._validate_overlap(fail, integer)
         if self.sync_every_schedule != "constant":
             integer("sync_every_min", 1)
             if self.sync_every_min > self.sync_every:
@@ -238,6 +281,35 @@ class LocalSGDOptions:
                  f"{self.data_partition_column!r}")
         if self.lr_scaling != "none" and self.pseudo_sync_prob > 0:
             fail("lr_scaling", "is not combined with PALSGD (pseudo_sync_prob > 0): both set the inner lr")
+
+    def _validate_overlap(self, fail, integer) -> None:
+        integer("num_fragments", 1)
+        integer("fragment_sync_delay", 0)
+        if not 0 <= self.fragment_update_alpha <= 1:
+            fail("fragment_update_alpha", f"must be in [0, 1], got {self.fragment_update_alpha}")
+        overlapped = self.outer_overlap != "none" or self.num_fragments > 1
+        if not overlapped:
+            return
+        which = f"outer_overlap={self.outer_overlap!r}" if self.outer_overlap != "none" else "num_fragments > 1"
+        if self.num_fragments > 1:
+            if self.outer_overlap != "none":
+                fail("outer_overlap", "streaming fragments (num_fragments > 1) overlap their own all-reduces: leave "
+                     "outer_overlap at 'none', or use num_fragments=1")
+            if self.sync_every_schedule != "constant":
+                fail("sync_every_schedule", "streaming fragments need a constant sync_every (each fragment syncs "
+                     "at its own step of every round)")
+            if self.sync_every % self.num_fragments:
+                fail("sync_every", f"must be a multiple of num_fragments={self.num_fragments}, got {self.sync_every}")
+            window = self.sync_every // self.num_fragments
+            if self.fragment_sync_delay >= window:
+                fail("fragment_sync_delay", f"must be below sync_every / num_fragments = {window} (a fragment's "
+                     f"all-reduce ends before the next one starts), got {self.fragment_sync_delay}")
+        if self.pseudo_sync_prob > 0:
+            fail("pseudo_sync_prob", f"PALSGD pulls toward the global model of the round, which {which} leaves in "
+                 "flight: not combined; use outer_overlap='none' and num_fragments=1 with PALSGD")
+        if self.lr_scaling != "none":
+            fail("lr_scaling", f"sends its gradient statistics with the outer all-reduce, which {which} applies a "
+                 "round or some steps later: not combined; use outer_overlap='none' and num_fragments=1")
 
     @classmethod
     def from_keywords(cls, **fields) -> LocalSGDOptions:

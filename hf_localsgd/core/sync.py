@@ -1,47 +1,97 @@
-"""The sync unit: the global model, its outer optimizer, and the blocking outer synchronization.
+"""The sync unit: the global model, its outer optimizer, and the outer synchronization in three phases.
 
 `OuterSync` holds the global model x as one flat float32 tensor (y for schedule-free), the outer optimizer
-and its lr schedule over it, and the collective that sums the replicas' outer gradients. One call is one
-outer step (docs/methods.md, "The round", steps 3-5):
+and its lr schedule over it, and the collective that sums the replicas' outer gradients. A blocking call is
+one outer step (docs/methods.md, "The round", steps 3-5):
 
-    Δ_k = x_r - x_k          into a flat buffer, bucket by bucket, straight from the parameters
-    K·Δ = Σ_k Δ_k            one all-reduce per bucket; the last also carries a tail of extra floats
-                             (under a bfloat16 wire, the tail goes alone in float32: it holds statistics)
-    x_{r+1} = OuterOpt(x_r, Δ)   the 1/K folded into the optimizer's own pass
-    x_k <- x_{r+1}           on every replica
+    Δ_k = x_r - x_k          send: into a flat buffer, bucket by bucket, straight from the parameters; each
+                             bucket's sum starts as soon as it is written (the last also carries a tail of
+                             extra floats; under a bfloat16 wire the tail goes alone in float32: statistics)
+    K·Δ = Σ_k Δ_k            receive: wait for the sums
+    x_{r+1} = OuterOpt(x_r, Δ)   apply: the 1/K folded into the optimizer's own pass; skipped, with the replicas
+                             reset to x_r, when the sum is not finite (one replica diverged)
+    x_k <- x_{r+1}           write: on every replica
 
-With the state on the host (``state_device="cpu"``) the outer gradient crosses the device bucket by bucket.
+The overlapped variants (`hf_localsgd.core.overlap`, `hf_localsgd.core.streaming`) run the same phases at other
+times. With the state on the host (``state_device="cpu"``) the outer gradient crosses the device bucket by
+bucket.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
+
 import torch
 
-from .collectives import AllReduce
+from .collectives import AllReduce, Pending
 from .options import LocalSGDOptions
 from .outer import ScheduleFreeSGD, build_outer_optimizer, build_outer_scheduler, outer_step
 from .shard import IslandShard, Replica
 from .topology import Topology
 
 
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InFlight:
+    """Outer-gradient sums on their way: ``delta`` (K·Δ once received, then the tail) and, per collective, the
+    span of ``delta`` it fills, the buffer it was sent from and its `Pending` sum."""
+
+    delta: torch.Tensor
+    numel: int
+    sums: list[tuple[int, int, torch.Tensor, Pending]] = field(default_factory=list)
+    received: bool = False
+    bytes_sent: float = 0.0  # by this rank, for these sums
+
+
+@dataclass
+class Outcome:
+    """What one synchronization did."""
+
+    applied: bool = False  # an outer step was taken
+    skipped: bool = False  # the summed outer gradient was not finite: no outer step, the replicas reset
+    tail: torch.Tensor | None = None  # the summed tail floats (the hooks' payloads)
+    norms: torch.Tensor | None = None  # [mean_k ‖Δ_k‖², ‖Δ‖²] when measured
+    wait_seconds: float = 0.0  # how long the inner loop waited for sums in flight
+    bytes_sent: float = 0.0  # by this rank, in the sums this sync started
+
+    def merge(self, other: Outcome, waited: float) -> None:
+        """Add a fragment's sync to the round's (the statistics of disjoint fragments add up)."""
+        self.applied |= other.applied
+        self.skipped |= other.skipped
+        self.wait_seconds += waited
+        if other.norms is not None:
+            self.norms = other.norms if self.norms is None else self.norms + other.norms
+
+
 class OuterSync:
-    """The global model of ``shard.owned``'s parameters and the blocking outer step over ``reducer``'s replicas.
+    """The global model of ``shard.owned``'s parameters and the outer step over ``reducer``'s replicas.
 
     ``shard`` (`hf_localsgd.core.shard`) says what this rank keeps: the whole replica, or its span of an island's
     replica, which the island's ranks put together after the step. ``topology`` sums the statistics of those
-    spans inside the island."""
+    spans inside the island. ``max_skipped`` non-finite syncs in a row stop training with an error."""
 
     def __init__(self, shard: Replica | IslandShard, reducer: AllReduce, options: LocalSGDOptions,
-                 state_device: torch.device, total_rounds: int | None, topology: Topology | None = None):
+                 state_device: torch.device, total_rounds: int | None, topology: Topology | None = None,
+                 timeout: float | None = None):
         self.shard, self.flat, self.reducer = shard, shard.owned, reducer
         self.topology = topology
         self.state_device = state_device
+        self.options = options
         self.global_params = self.flat.empty(state_device)
-        self.optimizer = build_outer_optimizer(options.outer_optimizer, [self.global_params],
-                                               options.outer_lr, options.outer_momentum)
-        self.scheduler = build_outer_scheduler(self.optimizer, options.outer_lr_scheduler, total_rounds,
-                                               options.outer_lr_plateau_fraction)
+        self.optimizer, self.scheduler = self._outer_optimizer(self.global_params, total_rounds)
         self.flat.copy_from_model(self.global_params)
+        self.max_skipped = options.max_skipped_syncs
+        self.skipped_in_a_row = self.skipped = 0
+        self.timeout = timeout  # seconds a sum in flight may take to arrive (None: the process group's limit)
+
+    def _outer_optimizer(self, params: torch.Tensor, total_rounds: int | None):
+        options = self.options
+        optimizer = build_outer_optimizer(options.outer_optimizer, [params], options.outer_lr, options.outer_momentum)
+        return optimizer, build_outer_scheduler(optimizer, options.outer_lr_scheduler, total_rounds,
+                                                options.outer_lr_plateau_fraction)
 
     @property
     def lr(self) -> float:
@@ -57,11 +107,19 @@ class OuterSync:
             buf = span.to(self.flat.device)
             self.reducer.broadcast_(buf)
             span.copy_(buf)
-        self.shard.write(self.global_params)
+        self.write_model()
 
     def reset_from_model(self) -> None:
         """The model's weights become the global model (after the warm-up: DDP kept them identical)."""
         self.flat.copy_from_model(self.global_params)
+
+    def start_point(self, start: int, end: int) -> torch.Tensor:
+        """Positions ``[start, end)`` of the point the replicas start a round from (the global model)."""
+        return self.global_params[start:end]
+
+    def write_model(self) -> None:
+        """The replicas restart from the global model."""
+        self.shard.write(self.global_params)
 
     @torch.no_grad()
     def eval_params(self) -> torch.Tensor:
@@ -71,52 +129,61 @@ class OuterSync:
             return self.optimizer.averaged(self.global_params)
         return self.global_params
 
+    def write_eval(self) -> None:
+        """The global model to evaluate and save into the model."""
+        self.shard.write(self.eval_params())
+
+    def gather_eval(self) -> torch.Tensor:
+        """The whole global model to evaluate and save, flat (an island's ranks all-gather their parts)."""
+        return self.shard.gather(self.eval_params())
+
     @property
     def eval_differs(self) -> bool:
         """Whether the model to evaluate differs from the one the replicas train from (schedule-free)."""
         return isinstance(self.optimizer, ScheduleFreeSGD)
 
-    # ------------------------------------------------------------------ one outer step
-    @torch.no_grad()
-    def __call__(self, tail: torch.Tensor | None = None, measure: bool = False):
-        """One outer step. ``tail`` (float32 on the model's device) is summed over the replicas with the outer
-        gradient, in the same collective. Returns the summed tail and, when ``measure``, the 2-element tensor
-        [mean_k ‖Δ_k‖², ‖Δ‖²] (not read here, so the host does not wait for the device mid-sync)."""
-        delta, tail_sum = self._outer_gradient(tail, measure)  # K·Δ
-        k = self.reducer.world_size
-        norms = None
-        if measure:  # taken before the step, which may divide `delta` in place
-            norms = torch.stack([tail_sum[0] / k, delta.dot(delta) / k**2])
-            if self.topology is not None:  # this rank's span's share: the island's ranks add theirs
-                norms = self.topology.sum_within(norms.to(self.flat.device))
-            tail_sum = tail_sum[1:]
-        self.global_params.grad = delta
-        outer_step(self.optimizer, grad_divisor=k)
-        self.scheduler.step()
-        self.global_params.grad = None
-        self.shard.write(self.global_params)
-        return (tail_sum if tail is not None else None), norms
+    def flush(self) -> Outcome | None:
+        """Apply what is still in flight (nothing, for the blocking sync)."""
+        return None
 
-    def _outer_gradient(self, tail: torch.Tensor | None, measure: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """K·Δ = Σ_k (x_r - x_k) as one flat float32 tensor on the state device, and the summed tail: [Σ_k ‖Δ_k‖²
-        when measuring, then ``tail``]. The tail rides in the last bucket's collective when the wire is
-        float32; under bfloat16 it is summed on its own in float32, one more (small) collective: its floats are
-        statistics whose differences (σ², drift) would drown in bfloat16's 8 bits of mantissa."""
-        flat, numel, extra = self.flat, self.flat.numel, int(measure)
-        tail_numel = extra + (0 if tail is None else tail.numel())
+    # ------------------------------------------------------------------ one blocking outer step
+    @torch.no_grad()
+    def __call__(self, tail: torch.Tensor | None = None, measure: bool = False) -> Outcome:
+        """One outer step. ``tail`` (float32 on the model's device) is summed over the replicas with the outer
+        gradient, in the same collective; with ``measure``, the outcome's norms (not read here, so the host does
+        not wait for the device mid-sync)."""
+        inflight = self.send(tail, measure)
+        outcome = self.apply(self.receive(inflight), measure, has_tail=tail is not None)
+        outcome.bytes_sent = inflight.bytes_sent
+        self.write_model()
+        return outcome
+
+    def at_step(self, inner_step: int, sync_every: int, measure: bool) -> None:
+        """Called after every inner step of a round (the streaming fragments sync there; nothing here)."""
+
+    # ------------------------------------------------------------------ the phases
+    @torch.no_grad()
+    def send(self, tail: torch.Tensor | None = None, measure: bool = False,
+             copy_to: torch.Tensor | None = None) -> InFlight:
+        """Start summing K·Δ = Σ_k (start point - x_k), and the tail: [Σ_k ‖Δ_k‖² when measuring, then
+        ``tail``]; ``copy_to`` keeps this replica's own Δ_k. The tail rides in the last bucket's collective when the wire is float32; under bfloat16 it is
+        summed on its own in float32, one more (small) collective: its floats are statistics whose differences
+        (σ², drift) would drown in bfloat16's 8 bits of mantissa."""
+        flat, numel = self.flat, self.flat.numel
+        tail_numel = int(measure) + (0 if tail is None else tail.numel())
         fused = self.reducer.exact
-        delta = torch.empty(numel + tail_numel, dtype=torch.float32, device=self.state_device)
+        inflight = InFlight(torch.empty(numel + tail_numel, dtype=torch.float32, device=self.state_device), numel)
         on_model_device = self.state_device == flat.device
         sq_norm = None
         for b in flat.buckets:
             start, end = b.start, b.end
             last = end == numel
             stop = end + (tail_numel if last and fused else 0)
-            buf = delta[start:stop] if on_model_device else torch.empty(stop - start, device=flat.device)
+            buf = inflight.delta[start:stop] if on_model_device else torch.empty(stop - start, device=flat.device)
             body = buf[: b.numel]
-            global_ = self.global_params[start:end].to(flat.device, non_blocking=True)
+            reference = self.start_point(start, end).to(flat.device, non_blocking=True)
             # x_r - x_k straight into the flat buffer: one pass per parameter, no flat copy of x_k first.
-            for g, p, d in zip(b.views(global_), b.tensors(), b.views(body)):
+            for g, p, d in zip(b.views(reference), b.tensors(), b.views(body)):
                 if p.dtype == torch.float32:
                     torch.sub(g, p, out=d)
                 else:
@@ -126,18 +193,69 @@ class OuterSync:
                     d.copy_(g.to(p.dtype)).sub_(p)
             if measure:
                 sq_norm = body.dot(body) if sq_norm is None else sq_norm + body.dot(body)
+            if copy_to is not None:
+                copy_to[start:end].copy_(body)
             if last and fused:
                 self._fill_tail(buf[b.numel :], sq_norm, tail)
-            summed = self.reducer.sum_(buf)
-            if summed is not buf or not on_model_device:
-                delta[start:stop].copy_(summed)
+            inflight.sums.append((start, stop, buf, self.reducer.start(buf)))
         if tail_numel and not fused:
-            buf = delta[numel:] if on_model_device else torch.empty(tail_numel, device=flat.device)
+            buf = torch.empty(tail_numel, device=flat.device)
             self._fill_tail(buf, sq_norm, tail)
-            summed = self.reducer.sum_(buf, exact=True)
-            if summed is not buf or not on_model_device:
-                delta[numel:].copy_(summed)
-        return delta[:numel], delta[numel:]
+            inflight.sums.append((numel, numel + tail_numel, buf, self.reducer.start(buf, exact=True)))
+        inflight.bytes_sent = self.reducer.bytes_sent(numel, tail_numel)
+        return inflight
+
+    def receive(self, inflight: InFlight) -> InFlight:
+        """Wait for the sums (at most ``sync_timeout_seconds``) and put them in ``inflight.delta``."""
+        if not inflight.received:
+            for start, stop, buf, pending in inflight.sums:
+                summed = pending.wait(self.timeout)
+                if summed.data_ptr() != inflight.delta[start:stop].data_ptr():
+                    inflight.delta[start:stop].copy_(summed)
+            inflight.sums, inflight.received = [], True
+        return inflight
+
+    @torch.no_grad()
+    def apply(self, inflight: InFlight, measure: bool, has_tail: bool) -> Outcome:
+        """The outer step with the received K·Δ, unless it is not finite (see `guard`)."""
+        delta, tail_sum = inflight.delta[: inflight.numel], inflight.delta[inflight.numel :]
+        k = self.reducer.world_size
+        # One reduction tells a non-finite sum (NaN or inf anywhere makes it NaN or inf); measuring computes it
+        # anyway. An island's ranks add their spans' shares, so they all decide alike, as all islands do.
+        check = torch.stack([tail_sum[0] / k, delta.dot(delta) / k**2]) if measure else delta.sum().reshape(1)
+        if self.topology is not None:
+            check = self.topology.sum_within(check.to(self.flat.device))
+        outcome = Outcome(tail=tail_sum[int(measure):] if has_tail else None, norms=check if measure else None)
+        if not self.guard(check):
+            outcome.skipped = True
+            return outcome
+        self.step_optimizer(self.optimizer, self.scheduler, self.global_params, delta, k)
+        outcome.applied = True
+        return outcome
+
+    @staticmethod
+    def step_optimizer(optimizer, scheduler, params: torch.Tensor, grad: torch.Tensor, k: int) -> None:
+        params.grad = grad
+        outer_step(optimizer, grad_divisor=k)
+        scheduler.step()
+        params.grad = None
+
+    def guard(self, check: torch.Tensor) -> bool:
+        """Whether the summed outer gradient is finite; counts non-finite ones and stops after ``max_skipped``
+        in a row (every rank sees the same sum, so every rank decides the same, with no collective)."""
+        if bool(torch.isfinite(check).all()):
+            self.skipped_in_a_row = 0
+            return True
+        self.skipped += 1
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= self.max_skipped:
+            raise FloatingPointError(
+                f"max_skipped_syncs: the summed outer gradient was not finite at {self.skipped_in_a_row} syncs in a "
+                "row (a replica's weights became NaN or inf: a diverged worker, a bad batch, a flipped bit); the "
+                "global model is the last finite one. Lower the learning rate, clip gradients (max_grad_norm), "
+                "use bf16 rather than fp16, or resume from the last checkpoint."
+            )
+        return False
 
     @staticmethod
     def _fill_tail(buf: torch.Tensor, sq_norm: torch.Tensor | None, tail: torch.Tensor | None) -> None:
@@ -150,7 +268,8 @@ class OuterSync:
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         return {"global_params": self.global_params, "outer_optimizer": self.optimizer.state_dict(),
-                "outer_scheduler": self.scheduler.state_dict()}
+                "outer_scheduler": self.scheduler.state_dict(), "skipped_syncs": self.skipped,
+                "skipped_in_a_row": self.skipped_in_a_row}
 
     def load_state_dict(self, state: dict) -> None:
         if state["global_params"].numel() != self.flat.numel:
@@ -159,3 +278,4 @@ class OuterSync:
         self.global_params.copy_(state["global_params"])
         self.optimizer.load_state_dict(state["outer_optimizer"])
         self.scheduler.load_state_dict(state["outer_scheduler"])
+        self.skipped, self.skipped_in_a_row = state.get("skipped_syncs", 0), state.get("skipped_in_a_row", 0)

@@ -84,6 +84,18 @@ class Topology:
                            "data-parallel training, with an outer step on its updates every H steps",
                            self.island_size)
 
+    def private_across(self) -> dist.ProcessGroup | None:
+        """A process group of its own with the ranks of ``across``, for collectives left in flight while others
+        run. Every rank of the default group must call it, at the same point."""
+        if not dist.is_initialized():
+            return None
+        world = dist.get_world_size()
+        if self.island_size == 1:
+            ranks = dist.get_process_group_ranks(self.across) if self.across is not None else list(range(world))
+            return dist.new_group(ranks)
+        groups = [dist.new_group(list(range(member, world, self.island_size))) for member in range(self.island_size)]
+        return groups[self.member]
+
     @torch.no_grad()
     def sum_within(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over this rank's island, in place (statistics of the parts its ranks keep)."""

@@ -141,6 +141,7 @@ class LocalSGDCallback(TrainerCallback):
             lr_scheduler=getattr(lr_scheduler, "scheduler", lr_scheduler),  # (Accelerate's wrapper, if any)
             total_steps=total_steps, lr_warmup_steps=args.get_warmup_steps(total_steps), seed=args.seed,
             track_metrics=args.logging_strategy != "no", topology=getattr(self.trainer, "local_sgd_topology", None),
+            default_sync_timeout=getattr(args, "ddp_timeout", None),
         )
         self._gradient_sync = None if wrapper is None else gradient_sync(wrapper, self.engine.topology)
         if self._gradient_sync is not None and hasattr(self.trainer, "accelerator"):

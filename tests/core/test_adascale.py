@@ -127,7 +127,8 @@ def test_statistics_travel_in_float32_under_a_bfloat16_wire(monkeypatch, comm_dt
             p.add_(0.25)
     # Near-equal statistics: 1 + 2^-20 is 1 in bfloat16.
     tail = torch.tensor([1.0 + 2.0**-20, 3.0], dtype=torch.float32)
-    summed, norms = outer(tail, measure=True)
+    outcome = outer(tail, measure=True)
+    summed, norms = outcome.tail, outcome.norms
     assert summed.tolist() == [2 * (1.0 + 2.0**-20), 6.0]  # exact
     numel = flat.numel
     if comm_dtype == "bfloat16":

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import CPU_2PROC, ROOT, SCENARIOS, free_port, launch_env, start_ranks, wait_ranks
+from conftest import CPU_2PROC, ROOT, SCENARIOS, free_port, launch_env, run_scenarios, start_ranks, wait_ranks
 
 
 SCENARIO = str(SCENARIOS / "faults.py")
@@ -124,3 +124,45 @@ def test_sigkill_of_one_worker_mid_round_ends_the_launch_non_zero_with_no_proces
                 pass
         launcher.wait()
         log.close()
+
+
+SYNC_FAULTS = str(SCENARIOS / "sync_faults.py")
+
+
+@pytest.fixture(scope="module")
+def sync_fault_runs(tmp_path_factory):
+    return run_scenarios(tmp_path_factory.mktemp("sync_faults"), ["sync_faults:nan", "sync_faults:nan,delayed"])
+
+
+@pytest.mark.parametrize("spec, skipped", [("sync_faults:nan", [0, 1, 1, 1, 1]),
+                                           ("sync_faults:nan,delayed", [0, 0, 1, 1, 1])])
+def test_a_nan_replica_never_reaches_the_global_model(sync_fault_runs, spec, skipped):
+    """Rank 1 turns NaN in round 2: that round's sum is skipped (blocking: at its end; delayed: a round later),
+    the global model stays the previous sync's and finite on both ranks, every replica restarts from it, and
+    training goes on (the next syncs apply)."""
+    r0, r1 = sync_fault_runs[spec]
+    skipped_at = skipped.index(1)
+    for r in (r0, r1):
+        assert r["skipped"] == skipped and all(r["finite"]) and r["final_finite"]
+        assert all(r["replicas_equal_global"])
+        assert r["global_after_sync"][skipped_at] == r["global_after_sync"][skipped_at - 1]  # untouched
+        assert r["global_after_sync"][skipped_at + 1] != r["global_after_sync"][skipped_at]  # and on it goes
+    assert r0["global_after_sync"] == r1["global_after_sync"]
+
+
+def test_nan_in_every_round_stops_every_rank_with_the_error(tmp_path):
+    codes, outputs, timed_out = wait_ranks(*start_ranks([SYNC_FAULTS, str(tmp_path), "nan_every_round"]),
+                                           timeout=120, first_failure_ends_all=False)
+    assert not timed_out and all(code not in (0, None) for code in codes), codes
+    for out in outputs:
+        assert "FloatingPointError: max_skipped_syncs: the summed outer gradient was not finite at 2 syncs" in out
+
+
+def test_a_hung_worker_stops_the_others_at_the_sync_timeout(tmp_path):
+    """Rank 1 stops (SIGSTOP) in round 2; rank 0 waits sync_timeout_seconds (3 s) at the sync of round 2, then
+    exits non-zero naming it (the launcher, here the helper, then ends the stopped rank)."""
+    codes, outputs, timed_out = wait_ranks(*start_ranks([SYNC_FAULTS, str(tmp_path), "hang"]), timeout=120)
+    seconds = time.time() - float((tmp_path / "stopped").read_text())
+    assert not timed_out and codes[0] == 1, (codes, outputs[0][-3000:])
+    assert "SyncTimeoutError: sync_timeout_seconds: the outer sync of round 2 (step 8) timed out" in outputs[0]
+    assert seconds < 3 + 30, seconds  # the timeout, not gloo's 30-minute default; and no hang on the way out

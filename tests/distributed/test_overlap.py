@@ -1,0 +1,59 @@
+"""Two real processes: delayed and eager outer steps and streaming fragments against float64 references of both
+replicas (tests/scenarios/overlap.py), their collectives, an evaluation mid-round, and exact resume with a sum in
+flight."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_scenarios
+
+
+VARIANTS = ["delayed", "eager", "streaming:0", "streaming:0.5"]
+SPECS = {"delayed": "overlap:delayed", "eager": "overlap:eager", "streaming:0": "overlap:streaming,0",
+         "streaming:0.5": "overlap:streaming,0.5"}
+STEPS, H = 14, 4
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    specs = list(SPECS.values()) + ["overlap:delayed,0,resume", "overlap:eager,0,resume",
+                                    "overlap:streaming,0.5,resume"]
+    return run_scenarios(tmp_path_factory.mktemp("overlap"), specs)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_matches_its_reference(runs, variant):
+    """Every rank's weights after every step and the global model after every round, against the reference."""
+    for r in runs[SPECS[variant]]:
+        assert len(r["weight_errors"]) == STEPS and max(r["weight_errors"]) < 2e-5, r["weight_errors"]
+        assert len(r["global_errors"]) == STEPS // H and max(r["global_errors"]) < 2e-5, r["global_errors"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_sum_starts_where_the_variant_says_and_nothing_else_communicates(runs, variant):
+    """One all-reduce when a sum is sent (the round's end; streaming: steps 1 and 3 of each round of 4), none
+    at the other steps: the sum in flight is waited for later, without a collective of its own."""
+    counts = runs[SPECS[variant]][0]["collectives"]
+    made = [now - before for before, now in zip([0] + counts, counts)]
+    sends = {1, 3} if variant.startswith("streaming") else {0}
+    assert made == [int(step % H in sends) for step in range(1, STEPS + 1)], made
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_evaluation_mid_round_sees_the_global_model_and_training_ends_with_it(runs, variant):
+    r0, r1 = runs[SPECS[variant]]
+    assert r0["evaluated"] == r1["evaluated"] and r0["evaluated_is_global"] and r1["evaluated_is_global"]
+    # (and training went on unchanged: the weights after step 6 matched the reference above)
+    assert r0["final_model"] == r1["final_model"] and r0["final_is_global"]
+
+
+@pytest.mark.parametrize("spec", ["overlap:delayed,0,resume", "overlap:eager,0,resume", "overlap:streaming,0.5,resume"])
+def test_resume_with_a_sum_in_flight_is_exact(runs, spec):
+    for r in runs[spec]:
+        assert r["in_flight_when_saved"] and r["resumed"] == r["full"]
+
+
+def test_streaming_sends_a_fragment_at_a_time(runs):
+    """The bytes of one round are those of the whole model, sent in fragments: each sync moves about 1/P."""
+    r = runs["overlap:streaming,0"][0]
+    assert r["bytes_sent"] == (r["model_numel"] + 2) * 4  # a ring over 2 ranks sends its payload once; 2 norms
