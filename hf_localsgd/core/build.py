@@ -16,6 +16,7 @@ from .hooks import RoundHook
 from .options import LocalSGDOptions
 from .palsgd import PseudoSync
 from .flat import FlatParams
+from .quantize import Int8AllReduce
 from .shard import IslandShard, Replica, build_shard, is_sharded
 from .sync import OuterSync
 from .topology import Topology
@@ -32,12 +33,21 @@ def build_islands(options: LocalSGDOptions, flat: FlatParams, group: dist.Proces
     return topology, build_shard(flat, topology, replicated_within_island=not is_sharded(flat.params))
 
 
-def build_reducer(options: LocalSGDOptions, group: dist.ProcessGroup | None) -> AllReduce:
+def build_reducer(options: LocalSGDOptions, group: dist.ProcessGroup | None) -> AllReduce | Int8AllReduce:
+    """The collective of the outer gradients. (Int8AllReduce creates a process group: every rank calls this.)"""
+    if options.outer_comm_dtype == "int8":
+        return Int8AllReduce(group)
     return AllReduce(group, options.outer_comm_dtype)
 
 
-def build_sync(options: LocalSGDOptions, shard: Replica | IslandShard, reducer: AllReduce, total_rounds: int | None,
-               topology: Topology) -> OuterSync:
+def build_sync(options: LocalSGDOptions, shard: Replica | IslandShard, reducer: AllReduce | Int8AllReduce,
+               total_rounds: int | None, topology: Topology) -> OuterSync:
+    if options.outer_error_feedback and not getattr(OuterSync, "error_feedback", False):
+        # The reducers take a residual (sum_/start(buf, residual=...)); the sync unit does not keep one yet.
+        raise ValueError("outer_error_feedback: this version's sync unit keeps no residual yet, so error feedback "
+                         "would do nothing; leave outer_error_feedback off")
+    if isinstance(reducer, Int8AllReduce):  # each bucket is padded to whole blocks: bytes_sent counts them
+        reducer.expect_buffers(b.numel for b in shard.owned.buckets)
     state_device = shard.owned.device if options.outer_state_device == "model" else torch.device("cpu")
     return OuterSync(shard, reducer, options, state_device, total_rounds, topology)
 
