@@ -177,6 +177,6 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
 
 @pytest.fixture(scope="session")
 def core_runs(tmp_path_factory) -> dict[str, list[dict]]:
-    """The core's multi-process scenarios (PALSGD, lr scaling, the label partition), in one launch of two ranks,
-    for tests/core/test_palsgd.py, test_adascale.py and test_partition.py."""
-    return run_scenarios(tmp_path_factory.mktemp("core"), ["palsgd", "adascale", "partition"])
+    """The core's multi-process scenarios (PALSGD, lr scaling, the label partition, int8 outer gradients), in one
+    launch of two ranks, for tests/core/test_palsgd.py, test_adascale.py, test_partition.py and test_quantize.py."""
+    return run_scenarios(tmp_path_factory.mktemp("core"), ["palsgd", "adascale", "partition", "int8"])

@@ -17,6 +17,7 @@ from .options import LocalSGDOptions
 from .palsgd import PseudoSync
 from .flat import FlatParams
 from .overlap import DelayedSync, EagerSync
+from .quantize import Int8AllReduce
 from .shard import IslandShard, Replica, build_shard, is_sharded
 from .streaming import StreamingSync, fragment_spans
 from .sync import OuterSync
@@ -40,15 +41,19 @@ def overlapped(options: LocalSGDOptions) -> bool:
     return options.outer_overlap != "none" or options.num_fragments > 1
 
 
-def build_reducer(options: LocalSGDOptions, topology: Topology) -> AllReduce:
-    # A sum left in flight runs over a process group of its own: on the group other collectives use (Trainer's
-    # metric gathers, say) they would queue behind it.
+def build_reducer(options: LocalSGDOptions, topology: Topology) -> AllReduce | Int8AllReduce:
+    """The collective of the outer gradients. (Int8AllReduce and a sum left in flight take a process group of
+    their own, which every rank creates here: on the group other collectives use, such as Trainer's metric
+    gathers, those would queue behind the sum in flight.)"""
     group = topology.private_across() if overlapped(options) else topology.across
+    if options.outer_comm_dtype == "int8":
+        return Int8AllReduce(group)
     return AllReduce(group, options.outer_comm_dtype)
 
 
-def build_sync(options: LocalSGDOptions, shard: Replica | IslandShard, reducer: AllReduce, total_rounds: int | None,
-               topology: Topology, model=None, default_timeout: float | None = None) -> OuterSync | StreamingSync:
+def build_sync(options: LocalSGDOptions, shard: Replica | IslandShard, reducer: AllReduce | Int8AllReduce,
+               total_rounds: int | None, topology: Topology, model=None,
+               default_timeout: float | None = None) -> OuterSync | StreamingSync:
     """The sync unit: blocking, delayed, eager, or streaming fragments (each a blocking unit of its own part)."""
     state_device = shard.owned.device if options.outer_state_device == "model" else torch.device("cpu")
     timeout = options.sync_timeout_seconds if options.sync_timeout_seconds is not None else default_timeout

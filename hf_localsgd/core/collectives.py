@@ -19,6 +19,8 @@ import torch.distributed as dist
 from .metrics import ring_bytes
 
 
+# The dtypes `AllReduce` sums in; "int8" (options.COMM_DTYPES) is `hf_localsgd.core.quantize.Int8AllReduce`'s,
+# which never sums in its wire dtype.
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -55,9 +57,18 @@ class Pending:
 
 
 class AllReduce:
-    """Sums float32 buffers over ``group`` (the default group when ``None``), ``comm_dtype`` on the wire."""
+    """Sums float32 buffers over ``group`` (the default group when ``None``), ``comm_dtype`` on the wire.
+
+    Error feedback (a ``residual`` given to `sum_` / `start`; float32, as long as the buffer, owned by the caller
+    and kept from one sync to the next): the rank adds it to its outer gradient, then keeps what the bfloat16
+    rounding of that lost, ``residual <- (buf + residual) - bfloat16(buf + residual)``, for its next one. It is
+    training state that a checkpoint must keep. With a float32 wire nothing is rounded: the residual is added
+    and comes back zero."""
 
     def __init__(self, group: dist.ProcessGroup | None = None, comm_dtype: str = "float32"):
+        if comm_dtype not in WIRE_DTYPES:
+            raise ValueError(f"outer_comm_dtype: AllReduce sums in {sorted(WIRE_DTYPES)}, not {comm_dtype!r} (int8 "
+                             "is hf_localsgd.core.quantize.Int8AllReduce's; build_reducer picks it)")
         self.group = group
         self.dtype = WIRE_DTYPES[comm_dtype]
         distributed = dist.is_initialized()
@@ -69,19 +80,30 @@ class AllReduce:
         """Whether the wire dtype is float32, so that floats which must stay exact can share a collective."""
         return self.dtype == torch.float32
 
-    def sum_(self, buf: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    def sum_(self, buf: torch.Tensor, exact: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The sum of ``buf`` over the replicas: ``buf`` itself, summed in place, or, for a narrower wire dtype,
         a summed copy in that dtype (made in one conversion pass) that the caller reads back. ``exact`` sums in
-        float32 whatever the wire dtype (statistics that are differences of near-equal numbers)."""
-        return self.start(buf, exact).wait()
+        float32 whatever the wire dtype (statistics that are differences of near-equal numbers). ``residual``:
+        error feedback (the class's docstring)."""
+        return self.start(buf, exact, residual).wait()
 
-    def start(self, buf: torch.Tensor, exact: bool = False) -> Pending:
+    def start(self, buf: torch.Tensor, exact: bool = False, residual: torch.Tensor | None = None) -> Pending:
         """`sum_` without waiting: the collective runs in the background (``async_op``) until ``wait()``. Nothing
         else may use ``buf`` until then."""
+        if exact and residual is not None:
+            raise ValueError("residual: error feedback is for the bfloat16 sum; an exact sum rounds nothing")
+        if residual is not None:
+            buf.add_(residual)
         if self.world_size == 1:
+            if residual is not None:
+                residual.zero_()
             return Pending(buf)
         dtype = torch.float32 if exact else self.dtype
         wire = buf if dtype == buf.dtype else buf.to(dtype)
+        if residual is not None and wire is buf:
+            residual.zero_()
+        elif residual is not None:  # buf - wire, without a float32 copy of the wire
+            residual.copy_(wire).neg_().add_(buf)
         # bfloat16 has float32's range: the sum of K outer gradients overflows no sooner than their mean.
         return Pending(wire, dist.all_reduce(wire, group=self.group, async_op=True))
 

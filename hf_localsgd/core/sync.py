@@ -82,6 +82,9 @@ class OuterSync:
         self.options = options
         self.global_params = self.flat.empty(state_device)
         self.optimizer, self.scheduler = self._outer_optimizer(self.global_params, total_rounds)
+        # Error feedback: what rounding this rank's outer gradient for a lossy wire lost, added to the next one
+        # (on the model's device, where the buckets are rounded).
+        self.residual = torch.zeros(self.flat.numel, device=self.flat.device) if options.outer_error_feedback else None
         self.flat.copy_from_model(self.global_params)
         self.max_skipped = options.max_skipped_syncs
         self.skipped_in_a_row = self.skipped = 0
@@ -197,12 +200,15 @@ class OuterSync:
                 copy_to[start:end].copy_(body)
             if last and fused:
                 self._fill_tail(buf[b.numel :], sq_norm, tail)
-            inflight.sums.append((start, stop, buf, self.reducer.start(buf)))
+            # (a lossy wire never carries the tail: the residual covers the bucket exactly)
+            residual = None if self.residual is None else self.residual[start:end]
+            inflight.sums.append((start, stop, buf, self.reducer.start(buf, residual=residual)))
+            inflight.bytes_sent += self.reducer.bytes_sent(b.numel, stop - end)
         if tail_numel and not fused:
             buf = torch.empty(tail_numel, device=flat.device)
             self._fill_tail(buf, sq_norm, tail)
             inflight.sums.append((numel, numel + tail_numel, buf, self.reducer.start(buf, exact=True)))
-        inflight.bytes_sent = self.reducer.bytes_sent(numel, tail_numel)
+            inflight.bytes_sent += self.reducer.bytes_sent(0, tail_numel)
         return inflight
 
     def receive(self, inflight: InFlight) -> InFlight:
@@ -269,7 +275,7 @@ class OuterSync:
     def state_dict(self) -> dict:
         return {"global_params": self.global_params, "outer_optimizer": self.optimizer.state_dict(),
                 "outer_scheduler": self.scheduler.state_dict(), "skipped_syncs": self.skipped,
-                "skipped_in_a_row": self.skipped_in_a_row}
+                "skipped_in_a_row": self.skipped_in_a_row, "error_feedback_residual": self.residual}
 
     def load_state_dict(self, state: dict) -> None:
         if state["global_params"].numel() != self.flat.numel:
@@ -279,3 +285,6 @@ class OuterSync:
         self.optimizer.load_state_dict(state["outer_optimizer"])
         self.scheduler.load_state_dict(state["outer_scheduler"])
         self.skipped, self.skipped_in_a_row = state.get("skipped_syncs", 0), state.get("skipped_in_a_row", 0)
+        if self.residual is not None:  # (switched on at a resume: it starts from nothing)
+            saved = state.get("error_feedback_residual")
+            self.residual.copy_(saved) if saved is not None else self.residual.zero_()

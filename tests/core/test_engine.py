@@ -106,7 +106,7 @@ def test_warmup_then_rounds():
 def test_engine_validates_arguments():
     """The engine's keywords are LocalSGDOptions' fields, validated by it, with its messages."""
     for kwargs, match in (({"sync_every": 0}, "^sync_every: "), ({"sync_every": 2, "outer_optimizer": "sgd"},
-                          "^outer_optimizer: "), ({"sync_every": 2, "outer_comm_dtype": "int8"}, "^outer_comm_dtype: "),
+                          "^outer_optimizer: "), ({"sync_every": 2, "outer_comm_dtype": "float16"}, "^outer_comm_dtype: "),
                           ({"sync_every": 2, "outer_lr": float("nan")}, "^outer_lr: "),
                           ({"outer_lr_scheduler": "cosine"}, "^outer_lr_scheduler: .*total_steps"),
                           ({"sync_every_schedule": "linear"}, "^sync_every_schedule: .*total_steps"),

@@ -1,0 +1,203 @@
+"""int8 outer gradients (``outer_comm_dtype="int8"``): blockwise absmax quantization, and the all-reduce that
+sums quantized buffers without ever adding int8 numbers.
+
+A flat float32 vector is cut into blocks of ``block`` consecutive elements (2048 by default; the last one may
+be shorter); each block keeps one float32 scale ``s = absmax / 127`` and its elements ``q = round(x / s)``,
+clamped to [-127, 127] (``torch.round``: halves to even). A block of zeros gets the scale 0 and dequantizes to
+zeros. Blocks of the flat vector rather than rows of the parameters: the scales cost the same 4/block bytes per
+element for every tensor shape, so the wire carries 0.25 + 1/block of float32's bytes (0.2505 at 2048).
+
+`Int8AllReduce` sums such buffers over the replicas as torchft's ``allreduce_quantized`` does: an all-to-all of
+the quantized slices (rank j receives every rank's chunk j), a local float32 sum of the dequantized copies, a
+second quantization of the summed chunk, and an all-gather of those. Adding int8 numbers, as a plain all-reduce
+would, overflows and keeps no common scale; here every sum happens in float32, and every rank dequantizes the
+same gathered bytes, so all replicas get bit-identical outer gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+import torch.distributed as dist
+
+from .collectives import Pending, all_gather_
+from .metrics import ring_bytes
+from .options import INT8_BLOCK_SIZE as BLOCK_SIZE
+
+
+QMAX = 127  # symmetric: -128 is never used, so that q and -q are both representable
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` as rows of ``block`` elements, the last row padded with zeros (a view when nothing is padded)."""
+    pad = -x.numel() % block
+    return (torch.nn.functional.pad(x, (0, pad)) if pad else x).view(-1, block)
+
+
+def quantize_blockwise(x: torch.Tensor, block: int = BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float32 scales) of the 1-D float32 ``x``: ``ceil(numel / block)`` scales ``absmax / 127``
+    and ``q = clamp(round(x / scale), -127, 127)``; a block of zeros has the scale 0 (and zeros)."""
+    if x.dim() != 1 or x.dtype != torch.float32:
+        raise ValueError(f"quantize_blockwise takes a 1-D float32 tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    rows = _blocks(x, block)
+    scales = rows.abs().amax(dim=1) / QMAX
+    divisor = torch.where(scales > 0, scales, torch.ones_like(scales))  # 0 / 1 = 0 in a zero block
+    q = torch.round(rows / divisor[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q.view(-1)[: x.numel()], scales
+
+
+def dequantize_blockwise(q: torch.Tensor, scales: torch.Tensor, block: int = BLOCK_SIZE) -> torch.Tensor:
+    """The float32 values ``q · scale`` of `quantize_blockwise`'s output."""
+    rows = _blocks(q, block).to(torch.float32) * scales[:, None]
+    return rows.view(-1)[: q.numel()]
+
+
+def chunk_numel(numel: int, world_size: int, block: int = BLOCK_SIZE) -> int:
+    """Elements of each rank's chunk of a buffer of ``numel``: whole blocks, ``world_size`` chunks covering it."""
+    return math.ceil(numel / (world_size * block)) * block
+
+
+def int8_bytes_sent(numel: int, world_size: int, block: int = BLOCK_SIZE) -> float:
+    """Bytes one rank sends in `Int8AllReduce`'s sum of ``numel`` float32 elements over ``world_size`` ranks: the
+    buffer is padded to ``world_size`` chunks of whole blocks, P elements and 4 P / block bytes of scales; the
+    all-to-all sends (K-1)/K of it, the all-gather this rank's summed chunk (1/K of it) to the K-1 others:
+    2 (K-1)/K (P + 4 P / block), against 2 (K-1)/K · 4 numel for a float32 ring all-reduce."""
+    if world_size == 1 or numel == 0:
+        return 0.0
+    padded = world_size * chunk_numel(numel, world_size, block)
+    return 2 * (world_size - 1) / world_size * (padded + 4 * padded // block)
+
+
+class _Done:
+    """The `work` of a `Pending` whose sum runs on the reducer's thread: waits for it, re-raising its error."""
+
+    def __init__(self, future: Future):
+        self.future = future
+
+    def wait(self, timeout=None) -> None:
+        """``timeout``: a `datetime.timedelta`, as `torch.distributed` work takes; its lapse raises RuntimeError."""
+        try:
+            self.future.result(None if timeout is None else timeout.total_seconds())
+        except FutureTimeout as error:
+            raise RuntimeError("the int8 sum did not complete in time") from error
+
+
+class Int8AllReduce:
+    """Sums float32 buffers over ``group`` (the default group when ``None``) with int8 on the wire.
+
+    The same interface as `hf_localsgd.core.collectives.AllReduce`, plus error feedback: given a ``residual``
+    (float32, as long as the buffer, owned by the caller and kept from one sync to the next), a rank first adds
+    it to its outer gradient and then keeps what the quantization of its own contribution lost,
+    ``residual <- (buf + residual) - dequantize(quantize(buf + residual))``, so that no part of any rank's
+    outer gradient is lost for good, only delayed (the second quantization, of the sum, is not fed back: it is
+    the same on every rank). The residual is training state: a checkpoint must keep it for an exact resume.
+
+    The pipeline has dependent stages (all-to-all, local sum, all-gather); `start` runs them on one background
+    thread over a process group of the reducer's own, so that they never interleave with the collectives the
+    training loop issues meanwhile. Every rank of the default group must construct the reducer (the group is
+    created then), in the same order as its other groups.
+    """
+
+    exact = False  # nothing shares the int8 collective: floats that must stay exact go in their own
+
+    def __init__(self, group: dist.ProcessGroup | None = None, block_size: int = BLOCK_SIZE):
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size: must be an integer >= 1, got {block_size!r}")
+        self.group, self.block = group, block_size
+        distributed = dist.is_initialized()
+        self.world_size = dist.get_world_size(group) if distributed else 1
+        self.rank = dist.get_rank(group) if distributed else 0
+        self._own_group = self._new_group(group) if distributed else None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="int8-allreduce") if self.world_size > 1 else None
+
+    @staticmethod
+    def _new_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+        """A new group of ``group``'s ranks. `dist.new_group` must be entered by every rank of the default group
+        for every group, in one order: when ``group`` is a part of the world (the ranks at one position of
+        their islands), the ranks first tell each other their groups and all create all of them."""
+        world = dist.get_world_size()
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        if ranks is None or len(ranks) == world:
+            return dist.new_group()
+        every = [None] * world
+        dist.all_gather_object(every, sorted(ranks))
+        mine = None
+        for members in sorted({tuple(r) for r in every}):
+            created = dist.new_group(list(members))
+            if list(members) == sorted(ranks):
+                mine = created
+        return mine
+
+    # ------------------------------------------------------------------ the sum
+    def sum_(self, buf: torch.Tensor, exact: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The sum of ``buf`` over the replicas: a new float32 tensor (``buf`` itself with one replica), which
+        the caller reads back. ``exact`` sums in float32 (statistics), in place, with a plain all-reduce."""
+        return self.start(buf, exact, residual).wait()
+
+    def start(self, buf: torch.Tensor, exact: bool = False, residual: torch.Tensor | None = None) -> Pending:
+        """`sum_` without waiting: the int8 pipeline runs on the reducer's thread until ``wait()``. Nothing else
+        may use ``buf`` or ``residual`` until then (``buf`` is changed: it receives the residual)."""
+        if exact and residual is not None:
+            raise ValueError("residual: error feedback is for the quantized sum; an exact sum rounds nothing")
+        if residual is not None and (residual.shape != buf.shape or residual.dtype != torch.float32):
+            raise ValueError(f"residual: must be float32 and shaped like the buffer {tuple(buf.shape)}, got "
+                             f"{residual.dtype} {tuple(residual.shape)}")
+        if self.world_size == 1:
+            if residual is not None:  # nothing is quantized: the residual is handed back in full
+                buf.add_(residual)
+                residual.zero_()
+            return Pending(buf)
+        if exact:
+            return Pending(buf, dist.all_reduce(buf, group=self.group, async_op=True))
+        out = torch.empty(buf.numel(), dtype=torch.float32, device=buf.device)
+        stream = torch.cuda.current_stream(buf.device) if buf.device.type == "cuda" else None
+        return Pending(out, _Done(self._thread.submit(self._pipeline, buf.view(-1), out, residual, stream)))
+
+    def _pipeline(self, buf: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None, stream=None) -> None:
+        """On a GPU, on the caller's device and stream (a thread starts on the default ones): after what the
+        caller queued before `start`, before what it queues after `wait`."""
+        if stream is not None:
+            with torch.cuda.device(buf.device), torch.cuda.stream(stream):
+                return self._pipeline(buf, out, residual)
+        k, block, group = self.world_size, self.block, self._own_group
+        if residual is not None:
+            buf.add_(residual.view(-1))
+        n, chunk = buf.numel(), chunk_numel(buf.numel(), k, block)
+        padded = buf if n == k * chunk else torch.nn.functional.pad(buf, (0, k * chunk - n))
+        q, scales = quantize_blockwise(padded, block)
+        if residual is not None:  # what this rank's quantization lost, added to its next outer gradient
+            torch.sub(buf, dequantize_blockwise(q, scales, block)[:n], out=residual.view(-1))
+        # Rank j receives every rank's chunk j, in rank order.
+        q_in, scales_in = torch.empty_like(q), torch.empty_like(scales)
+        dist.all_to_all_single(q_in, q, group=group)
+        dist.all_to_all_single(scales_in, scales, group=group)
+        del q, scales, padded
+        per_chunk = chunk // block
+        total = torch.zeros(chunk, dtype=torch.float32, device=buf.device)
+        for j in range(k):  # in float32, in rank order
+            total += dequantize_blockwise(q_in[j * chunk : (j + 1) * chunk],
+                                          scales_in[j * per_chunk : (j + 1) * per_chunk], block)
+        q_sum, scales_sum = quantize_blockwise(total, block)
+        all_gather_(q_in, q_sum, group)
+        all_gather_(scales_in, scales_sum, group)
+        out.copy_(dequantize_blockwise(q_in, scales_in, block)[:n])
+
+    # ------------------------------------------------------------------ bytes
+    def wire_bytes(self, numel: int) -> int:
+        """Bytes of the quantized buffer (values and scales) of ``numel`` float32 elements, padded for K ranks."""
+        padded = self.world_size * chunk_numel(numel, self.world_size, self.block)
+        return padded + 4 * (padded // self.block)
+
+    def bytes_sent(self, numel: int, exact_numel: int = 0) -> float:
+        """Bytes this rank sends to sum one buffer of ``numel`` elements in int8 (`int8_bytes_sent`, padding
+        included) and ``exact_numel`` in float32 (a ring all-reduce)."""
+        return int8_bytes_sent(numel, self.world_size, self.block) + ring_bytes(exact_numel * 4, self.world_size)
+
+    def broadcast_(self, tensor: torch.Tensor) -> None:
+        """Overwrite ``tensor`` with the group's first rank's, in place (in its own dtype)."""
+        if self.world_size > 1:
+            src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+            dist.broadcast(tensor, src=src, group=self.group)
