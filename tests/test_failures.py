@@ -124,6 +124,10 @@ def triggers(tmp_path, capsys, monkeypatch) -> dict:
             patch.setenv("WORLD_SIZE", "2")
             check_launch()
 
+    def resume_other_overlap():
+        engine = RoundEngine(toy_model(), sync_every=2)
+        engine.load_state_dict({**engine.state_dict(), "outer_overlap": "eager"})
+
     def resume_other_islands():
         engine = RoundEngine(toy_model(), sync_every=2)
         engine.load_state_dict({**engine.state_dict(), "island_size": 2})
@@ -193,6 +197,7 @@ def triggers(tmp_path, capsys, monkeypatch) -> dict:
         "ValueError: island_size: the … processes cannot be cut into islands of … ranks":
             lambda: RoundEngine(toy_model(), island_size=3),
         "island_size: the checkpoint was written with islands of … ranks, this run has …": resume_other_islands,
+        "outer_overlap: the checkpoint was written with outer_overlap='…', this run has '…'": resume_other_overlap,
         "RuntimeError: Local SGD does not support torch.nn.DataParallel over … GPUs in one process":
             lambda: check_supported(None, SimpleNamespace(n_gpu=2)),
         "data_partition: 'worst_case' leaves all but one rank without data": config(tmp_path, data_partition="worst_case"),

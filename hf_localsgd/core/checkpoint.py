@@ -64,6 +64,11 @@ def check_resumable(state: dict, engine: RoundEngine) -> dict[str, dict]:
             f"{engine.topology.island_size}: each rank resumes its part of its island's state, so resume with "
             f"island_size={saved_islands} and as many processes"
         )
+    for name, default in (("outer_overlap", "none"), ("num_fragments", 1)):
+        saved, ours = state.get(name, default), getattr(engine.options, name)
+        if saved != ours:  # what is in flight, and the outer state's layout, differ
+            raise ValueError(f"{name}: the checkpoint was written with {name}={saved!r}, this run has {ours!r}: "
+                             f"resume with {name}={saved!r}")
     if state["world_size"] != engine.world_size:
         raise ValueError(
             f"Checkpoint was written by {state['world_size']} replicas, this run has {engine.world_size}: each "

@@ -313,11 +313,18 @@ class RoundEngine(GlobalModelAccess):
         """End of training: synchronize the last, partial round, apply what is in flight, and leave the global
         model (schedule-free: its averaged x) in the model for good. Returns whether a synchronization happened."""
         synced = self.sync()
+        self.flush()
+        self.outer.write_eval()
+        return synced
+
+    def flush(self) -> bool:
+        """Apply the outer-gradient sums still in flight (``outer_overlap``; nothing for a blocking sync): the
+        global model then holds every round so far, and the replicas start from it. Returns whether a sum was
+        applied."""
         flushed = self._in_sync(self.outer.flush)
         if flushed is not None:
             self._note_skipped(flushed)
-        self.outer.write_eval()
-        return synced
+        return flushed is not None and flushed.applied
 
     @property
     def data_parallel_bytes(self) -> float:
@@ -333,6 +340,8 @@ class RoundEngine(GlobalModelAccess):
             "sync_every": self._sync_every,  # of the round in progress
             "world_size": self.world_size,
             **self.topology.state(),
+            "outer_overlap": self.options.outer_overlap,
+            "num_fragments": self.options.num_fragments,
             "num_steps": self._num_steps,
             "inner_step": self._inner_step,
             "num_syncs": self._num_syncs,

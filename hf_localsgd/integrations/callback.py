@@ -234,9 +234,10 @@ class LocalSGDCallback(TrainerCallback):
         if self.engine.should_stop:  # lr scaling: the base-case budget, in scale-invariant steps, is spent
             control.should_training_stop = True
         if state.global_step >= state.max_steps or control.should_training_stop:
-            # Training ends with the global model: synchronize the partial round now, before Trainer's last
-            # evaluation and save.
+            # Training ends with the global model: synchronize the partial round now, and apply what is still in
+            # flight (outer_overlap), before Trainer's last evaluation and save.
             synced = self.engine.sync() or synced
+            self.engine.flush()
         if synced:
             self._log_round()
         self._set_gradient_sync()

@@ -124,9 +124,11 @@ def compatibility_problem(directory: str, rank: int, world_size: int, options, n
     except Exception as err:  # the full load reports it with the file and rank (core.checkpoint)
         return (f"{STATE_FILE.format(rank=rank)} (the state of rank {rank}) cannot be loaded "
                 f"({type(err).__name__}: {err})")
-    saved_params, island_size = engine_state["global_params"].numel(), getattr(options, "island_size", 1)
-    # (inside islands a rank keeps a part of the global model: the engine checks its size when it loads it)
-    if num_params is not None and island_size == 1 and saved_params != num_params:
+    island_size = getattr(options, "island_size", 1)
+    saved_params = engine_state["global_params"].numel() if "global_params" in engine_state else None
+    # (inside islands a rank keeps a part of the global model, streaming fragments their parts: the engine checks
+    # their sizes when it loads them)
+    if num_params is not None and island_size == 1 and saved_params not in (None, num_params):
         return (f"the checkpoint holds {saved_params} global parameters, the model has {num_params} (a checkpoint "
                 "of another model, or of other trainable parameters)")
     # What check_resumable reads of an engine, without building one (no model, no collective): K islands of

@@ -11,7 +11,12 @@ from conftest import run_scenario, run_scenarios
 def runs(tmp_path_factory):
     """The module's default scenarios, in one launch of two ranks."""
     return run_scenarios(tmp_path_factory.mktemp("resume"), ["resume:schedule_free,0.1", "resume_without_every_rank",
-                                                             "loop_example:plain", "loop_example:resume"])
+                                                             "loop_example:plain", "loop_example:resume",
+                                                             *OVERLAPPED])
+
+
+# LocalSGDTrainer with outer_overlap="eager" and with streaming fragments (schedule-free outer steps)
+OVERLAPPED = ["resume:nesterov,0,none,constant,iid,1,eager", "resume:schedule_free,0,none,constant,iid,1,none,2"]
 
 
 def test_resume_mid_round_is_bit_exact(runs):
@@ -67,3 +72,14 @@ def test_a_plain_accelerate_loop_resumes_bit_exactly_with_the_checkpoint_helpers
         assert r["position"] == [6, 2, 1]
         assert r["resumed"] == r["full"]
     assert r0["full"] == r1["full"]
+
+
+@pytest.mark.parametrize("spec", OVERLAPPED, ids=["eager", "streaming"])
+def test_trainer_resumes_bit_exactly_with_a_sum_in_flight(runs, spec):
+    """Checkpoint-9 is one step into a round: the previous round's sum (eager), or fragment 0's (streaming, sent
+    at the round's first step), is in flight; the checkpoint waits for it and the resumed run applies it at the
+    same step. Training ends with the global model on every rank (the last sum applied)."""
+    r0, r1 = runs[spec]
+    for r in (r0, r1):
+        assert r["resumed"] == r["full"]
+    assert r0["full"][0] == r1["full"][0]  # the final model: the same global model on both ranks

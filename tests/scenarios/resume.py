@@ -1,5 +1,5 @@
 """An uninterrupted run against the same run resumed from a mid-round checkpoint (options: outer optimizer,
-PALSGD's p, lr scaling, H schedule, data partition, island size). The resumed run also records, right after resuming, whether
+PALSGD's p, lr scaling, H schedule, data partition, island size, overlapped syncs, streaming fragments). The resumed run also records, right after resuming, whether
 this rank's inner-optimizer state is the one of its own state file (not Trainer's optimizer.pt, which holds
 rank 0's), and how many gradient steps it took afterwards (a PALSGD pseudo-synchronization takes none)."""
 
@@ -45,7 +45,8 @@ class ResumeProbe(TrainerCallback):
 
 
 def run(out_dir: str, outer_optimizer: str = "schedule_free", pseudo_sync_prob: str = "0", lr_scaling: str = "none",
-        sync_every_schedule: str = "constant", data_partition: str = "iid", island_size: str = "1") -> dict:
+        sync_every_schedule: str = "constant", data_partition: str = "iid", island_size: str = "1",
+        outer_overlap: str = "none", num_fragments: str = "1") -> dict:
     def train(resume_from=None, output="full"):
         args = LocalSGDConfig(
             **common_args(os.path.join(out_dir, output), max_steps=12, save_strategy="steps", save_steps=3,
@@ -53,6 +54,7 @@ def run(out_dir: str, outer_optimizer: str = "schedule_free", pseudo_sync_prob: 
             sync_every=4, outer_optimizer=outer_optimizer, pseudo_sync_prob=float(pseudo_sync_prob),
             lr_scaling=lr_scaling, sync_every_schedule=sync_every_schedule, sync_every_min=2,
             data_partition=data_partition, data_partition_column="start", island_size=int(island_size),
+            outer_overlap=outer_overlap, num_fragments=int(num_fragments),
         )
         trainer = LocalSGDTrainer(model=tiny_model(dropout=0.1), args=args, train_dataset=dataset())
         probe = ResumeProbe(trainer, resume_from) if resume_from else None
