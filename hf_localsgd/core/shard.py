@@ -47,7 +47,7 @@ class IslandShard:
     """The rank at position ``member`` of a DDP island keeps the ``member``-th of ``island_size`` spans."""
 
     def __init__(self, flat: FlatParams, topology: Topology):
-        self.full, self.group, self.size = flat, topology.within, topology.island_size
+        self.full, self.group, self.size, self.member = flat, topology.within, topology.island_size, topology.member
         self.owned = flat.part(topology.member, self.size)
         self.chunk = flat.chunk(self.size)
         self.replica_bytes = flat.bytes
@@ -56,9 +56,10 @@ class IslandShard:
     def gather(self, part: torch.Tensor) -> torch.Tensor:
         """The whole flat model from every rank's ``part`` (one all-gather inside the island), on the model's
         device."""
-        mine = torch.zeros(self.chunk, dtype=torch.float32, device=self.full.device)  # (the last span is padded)
-        mine[: part.numel()].copy_(part)
         out = torch.empty(self.chunk * self.size, dtype=torch.float32, device=self.full.device)
+        mine = out[self.member * self.chunk : (self.member + 1) * self.chunk]  # gathered in place
+        mine[: part.numel()].copy_(part)
+        mine[part.numel() :].zero_()  # (the last span is padded)
         all_gather_(out, mine, self.group)
         return out[: self.full.numel]
 

@@ -12,7 +12,8 @@ KINDS = ["ddp", "fsdp2"]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    specs = [f"islands:{kind}" for kind in KINDS] + [f"islands:{kind},resume" for kind in KINDS]
+    specs = [f"islands:{kind}" for kind in KINDS] + [f"islands:{kind},resume" for kind in KINDS] + \
+        [f"islands:{kind},combo" for kind in KINDS]
     return run_scenarios(tmp_path_factory.mktemp("islands"), specs, num_processes=4)
 
 
@@ -105,6 +106,21 @@ def test_metrics_are_the_islands_not_the_ranks(runs, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_islands_compose_with_overlapped_and_compressed_syncs(runs, kind):
+    """DDP islands with eager outer steps and int8 outer gradients with error feedback; FSDP2 islands with 3
+    streaming fragments and bfloat16 outer gradients: each island's ranks stay together (DDP: the same replica),
+    and training ends with one finite global model (FSDP2: the same shard on rank m of each island)."""
+    results = runs[f"islands:{kind},combo"]
+    assert all(r["num_syncs"] == 3 and r["finite"] for r in results)
+    if kind == "ddp":
+        assert len({r["final"] for r in results}) == 1
+        for step in range(STEPS):
+            assert results[0]["hashes"][step] == results[1]["hashes"][step], step
+    else:
+        assert results[0]["final"] == results[2]["final"] and results[1]["final"] == results[3]["final"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_islands_resume_bit_exactly_mid_round(runs, kind):
     for r in runs[f"islands:{kind},resume"]:
         assert r["position"] == [6, 1, 1]  # step 6: warm-up 2, one round of 3, one step into the next
@@ -114,7 +130,7 @@ def test_islands_resume_bit_exactly_mid_round(runs, kind):
 @pytest.fixture(scope="module")
 def trainer_runs(tmp_path_factory):
     return run_scenarios(tmp_path_factory.mktemp("trainer_islands"),
-                         ["trainer_islands", "resume:nesterov,0.1,none,constant,iid,2"], num_processes=4)
+                         ["trainer_islands", "resume:nesterov,0.1,none,constant,iid,2", "adascale:2"], num_processes=4)
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +198,21 @@ def test_accelerate_keeps_fsdp_off_on_cpu(fsdp2_trainer_run):
     trains TrainingArguments(fsdp=...) with plain DDP."""
     r = fsdp2_trainer_run[0]
     assert "ParallelismConfig is only compatible" in r["hybrid_sharding_refused"] and not r["fsdp_used"]
+
+
+def test_lr_scaling_counts_islands_as_workers(trainer_runs):
+    """LocalAdaScale with islands of 2 on 4 ranks: K = 2 workers, the statistics of Eq. 15 from the islands'
+    gradients (each rank of an island sends its span of the round's first gradient): the same as computed
+    from one rank per island, and the same ρ on every rank."""
+    from hf_localsgd.core.adascale import gain_ratio
+
+    results = trainer_runs["adascale:2"]
+    ratios = [[log["local_sgd/gain_ratio"] for log in r["round_logs"]] for r in results]
+    assert all(r == ratios[0] for r in ratios)
+    logs, stats = results[0]["round_logs"], results[0]["stats"]
+    assert len(logs) >= 2
+    for log, expected in zip(logs, stats):
+        assert log["local_sgd/sigma2"] == pytest.approx(expected["sigma2"], rel=1e-3)
+        assert log["local_sgd/G"] == pytest.approx(expected["G"], rel=1e-3, abs=1e-6 * abs(expected["sigma2"]))
+        assert log["local_sgd/gain_ratio"] == pytest.approx(
+            gain_ratio(expected["G"], expected["sigma2"], K=2, H=3, c=1.0), rel=1e-3)

@@ -31,7 +31,12 @@ def batch(step: int, rank: int) -> torch.Tensor:
     return (torch.randint(0, VOCAB, (2, 1), generator=g) + torch.arange(SEQ)) % VOCAB
 
 
-def build(kind: str, island_size: int, seed: int = 0):
+# What the `combo` mode adds to each kind: the overlapped and compressed syncs, composed with islands.
+COMBOS = {"ddp": dict(outer_overlap="eager", outer_comm_dtype="int8", outer_error_feedback=True),
+          "fsdp2": dict(num_fragments=3, fragment_sync_delay=0, outer_comm_dtype="bfloat16")}
+
+
+def build(kind: str, island_size: int, seed: int = 0, **extra):
     model = tiny_model()  # (the same weights on every rank)
     if seed:
         with torch.no_grad():  # other weights: a resume must bring back everything
@@ -48,7 +53,7 @@ def build(kind: str, island_size: int, seed: int = 0):
         topology, wrapped = None, DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     engine = RoundEngine(wrapped, sync_every=H, local_sgd_warmup_steps=WARMUP, island_size=island_size,
-                         track_metrics=True, optimizer=optimizer, topology=topology, **OUTER)
+                         track_metrics=True, optimizer=optimizer, topology=topology, **OUTER, **extra)
     return model, wrapped, optimizer, engine, gradient_sync(wrapped, engine.topology)
 
 
@@ -119,6 +124,15 @@ def this_ranks_part(engine, model, full: torch.Tensor) -> torch.Tensor:
 def run(out_dir: str, kind: str = "ddp", mode: str = "train", island_size: str = "2") -> dict:
     island_size = int(island_size)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if mode == "combo":  # composes: no reference, but DDP's ranks agree, and training ends on one global model
+        model, wrapped, optimizer, engine, gradients = build(kind, island_size, **COMBOS[kind])
+        log = {"hashes": [], "synced": [], "collectives": [], "global": [], "metrics": [],
+               "counter": count_collectives_by_group()}
+        train(model, wrapped, optimizer, engine, gradients, 0, STEPS, log)
+        engine.finish()
+        final = held(model)
+        return {"hashes": log["hashes"], "final": digest(final), "finite": bool(torch.isfinite(final).all()),
+                "num_syncs": engine.num_syncs, "rank": rank}
     if mode == "resume":
         model, wrapped, optimizer, engine, gradients = build(kind, island_size)
         train(model, wrapped, optimizer, engine, gradients, 0, STEPS)
