@@ -268,6 +268,9 @@ class RoundEngine(GlobalModelAccess):
             return False
         started, outer_lr = time.perf_counter(), self.outer.lr
         payloads = [(hook, p) for hook in self.hooks if (p := hook.sync_payload()) is not None]
+        if payloads and not self.outer.carries_payloads:
+            raise ValueError(f"hooks: {[h.name for h, _ in payloads]} send floats with the outer all-reduce, which "
+                             "outer_overlap / num_fragments leave in flight: not combined")
         tail = torch.cat([p for _, p in payloads]) if payloads else None
         outcome = self._in_sync(self.outer, tail, measure=self.track_metrics)
         ended, self._inner_step = self._sync_every, 0

@@ -33,6 +33,8 @@ from .sync import InFlight, Outcome, OuterSync
 class DelayedSync(OuterSync):
     """``outer_overlap="delayed"``: the sum of round r is applied to the global model at the end of round r+1."""
 
+    carries_payloads = False  # a payload would come back a round late
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.in_flight: InFlight | None = None

@@ -69,6 +69,8 @@ class StreamingSync:
     """P fragment syncs (``fragments``, each an `OuterSync` over its part), sent ``delay`` (τ) steps before their
     outer step, merged by ``alpha`` (α). Offers the sync unit's interface to the engine."""
 
+    carries_payloads = False  # the fragments' sums carry no tail
+
     def __init__(self, fragments: list[OuterSync], delay: int, alpha: float):
         self.fragments, self.delay, self.alpha = fragments, delay, alpha
         self.in_flight: dict[int, tuple[InFlight, bool]] = {}  # fragment -> (its sums, measured)

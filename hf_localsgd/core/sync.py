@@ -73,6 +73,8 @@ class OuterSync:
     replica, which the island's ranks put together after the step. ``topology`` sums the statistics of those
     spans inside the island. ``max_skipped`` non-finite syncs in a row stop training with an error."""
 
+    carries_payloads = True  # whether the hooks' sync payloads come back summed at the same sync
+
     def __init__(self, shard: Replica | IslandShard, reducer: AllReduce, options: LocalSGDOptions,
                  state_device: torch.device, total_rounds: int | None, topology: Topology | None = None,
                  timeout: float | None = None):
