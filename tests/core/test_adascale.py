@@ -107,9 +107,10 @@ class FakeGroup:
         monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
         monkeypatch.setattr(dist, "all_reduce", self.all_reduce)
 
-    def all_reduce(self, tensor, group=None):
+    def all_reduce(self, tensor, group=None, async_op=False):
         self.wire.append((tensor.dtype, tensor.numel()))
         tensor.mul_(2)
+        return None  # (done already: nothing to wait for)
 
 
 @pytest.mark.parametrize("comm_dtype", ["bfloat16", "float32"])
