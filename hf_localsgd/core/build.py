@@ -9,27 +9,39 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .adascale import GainRatioScaling
 from .collectives import AllReduce
 from .hooks import RoundHook
 from .options import LocalSGDOptions
 from .palsgd import PseudoSync
-from .flat import FlatParams
-from .shard import IslandShard, Replica, build_shard, is_sharded
+from .flat import FlatParams, MasterWeights
+from .shard import IslandShard, Replica, build_shard, is_sharded, reshard_before_writes
 from .sync import OuterSync
 from .topology import Topology
 
 
+def build_layout(model, masters: MasterWeights | None, bucket_size_mb: float) -> FlatParams:
+    """The flat layout of what the round reads and writes: the trainable parameters of ``model`` (a module or
+    its parameters), or the float32 master weights of its optimizer when given."""
+    if masters is not None:
+        return FlatParams(masters.tensors, bucket_size_mb * 2**20 / 4, after_write=masters.refresh,
+                          device=masters.device)
+    params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.requires_grad]
+    return FlatParams(params, bucket_size_mb * 2**20 / 4, before_write=reshard_before_writes(model))
+
+
 def build_islands(options: LocalSGDOptions, flat: FlatParams, group: dist.ProcessGroup | None,
-                  topology: Topology | None) -> tuple[Topology, Replica | IslandShard]:
+                  topology: Topology | None, sharded: bool = False) -> tuple[Topology, Replica | IslandShard]:
     """The islands (given, e.g. the mesh FSDP2 shards the model over, or cut by ``island_size``) and what of the
-    global model this rank keeps in them."""
+    global model this rank keeps in them. ``sharded``: the ranks of an island hold different parts of the replica
+    (ZeRO's partitions of the master weights; FSDP2's shards are recognized by their type)."""
     if topology is not None and topology.island_size != options.island_size:
         raise ValueError(f"island_size: the options say {options.island_size}, the islands given (the mesh the "
                          f"model is sharded over) have {topology.island_size} ranks: make them agree")
     topology = topology or Topology.build(options.island_size, group, flat.device.type)
-    return topology, build_shard(flat, topology, replicated_within_island=not is_sharded(flat.params))
+    return topology, build_shard(flat, topology, replicated_within_island=not (sharded or is_sharded(flat.params)))
 
 
 def build_reducer(options: LocalSGDOptions, group: dist.ProcessGroup | None) -> AllReduce:
