@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(
 
 WARMUP = 2
 SYNCED = [False, False, False, False, True, False, False, True, True]  # 9 steps: warm-up 2, H = 3, the last partial
-PAIRS = ["zero0", "zero0_bf16", "zero1", "zero2_offload", "zero2_bf16"]  # 2 processes, every rank its own island
+# 2 processes, every rank its own island; zero2_plugin through Accelerate's DeepSpeed plugin (accelerate config)
+PAIRS = ["zero0", "zero0_bf16", "zero1", "zero2_offload", "zero2_bf16", "zero2_plugin"]
 ISLANDS = ["zero0_islands", "zero1_islands", "zero2_islands"]  # 4 processes, 2 islands of 2
 BF16 = {"zero0_bf16", "zero2_bf16"}
 NUM_PARAMS = 30  # the tiny GPT-Neo's parameters: the warm-up averages each gradient across islands
@@ -27,7 +28,7 @@ TIMEOUT = 600
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    specs = ["deepspeed_trainer:" + ",".join(PAIRS), "deepspeed_trainer:resume,zero0,zero2_offload,zero2_bf16"]
+    specs = ["deepspeed_trainer:" + ",".join(PAIRS), "deepspeed_trainer:resume,zero0,zero2_offload"]
     runs = run_scenarios(tmp_path_factory.mktemp("deepspeed"), specs, timeout=TIMEOUT)
     return {"runs": runs[specs[0]], "resumed": runs[specs[1]]}
 
@@ -63,6 +64,7 @@ def test_deepspeed_runs_as_configured(pairs, islands, name):
         expected = {0: "FP16_UnfusedOptimizer" if name in BF16 else "AdamW"}.get(stage, "DeepSpeedZeroOptimizer")
         assert run["optimizer"] == expected and run["base_optimizer"] == "AdamW"  # Trainer's torch AdamW inside
         assert run["global_numel"] * island_size == run["model_numel"]
+        assert run["from_training_arguments"] == (name != "zero2_plugin")
 
 
 @pytest.mark.parametrize("name", PAIRS + ISLANDS)
@@ -70,7 +72,7 @@ def test_nothing_crosses_replicas_between_syncs(pairs, islands, name):
     """Counted at the process groups, on every rank: between syncs only the island's own group (or the rank's
     alone) sees a collective; the warm-up averages each gradient across islands; a sync is one all-reduce."""
     for r in results(pairs, islands, name):
-        rank, island_size = r["rank"], 2 if name in ISLANDS else 1
+        rank, island_size = r["rank"], r[name]["dp_world_size"]
         island = {str(rank - rank % island_size + m) for m in range(island_size)}
         across = "world" if island_size == 1 else f"{rank % 2},{rank % 2 + 2}"
         for step, collectives in enumerate(made(r[name])):
@@ -121,11 +123,10 @@ def test_bfloat16_runs_follow_the_float32_reference(pairs, name):
         assert max(r[name]["errors"]) < 0.05, r[name]["errors"]
 
 
-@pytest.mark.parametrize("name", ["zero0", "zero2_offload", "zero2_bf16"])
-def test_resume_from_a_mid_round_checkpoint_is_exact(pairs, name):
+def check_resumed(runs, name):
     """Checkpoint 6 (one step into a round): DeepSpeed's files, one tag per island, and each rank's local-SGD
     state; the resumed run takes the same steps, bit for bit."""
-    for r in pairs["resumed"]:
+    for r in runs:
         run = r[name]
         assert run["resumed"] == run["full"] and run["resumed_hashes"] == run["full_hashes"][6:]
         assert {"local_sgd_rank0.pt", "local_sgd_rank1.pt", "global_step6_island0", "global_step6_island1"} <= set(
@@ -136,13 +137,51 @@ def test_resume_from_a_mid_round_checkpoint_is_exact(pairs, name):
                        for files in run["tags"].values())
 
 
-@pytest.mark.slow
-def test_islands_resume_exactly(tmp_path):
-    spec = "deepspeed_trainer:resume,zero1_islands,zero2_islands"
-    runs = run_scenarios(tmp_path, [spec], num_processes=4, timeout=TIMEOUT)[spec]
+@pytest.mark.parametrize("name", ["zero0", "zero2_offload"])
+def test_resume_from_a_mid_round_checkpoint_is_exact(pairs, name):
+    check_resumed(pairs["resumed"], name)
+
+
+def check(runs, name, island_size, tolerance):
+    """The checks of the tests above, for one run of the slow launches below."""
     for r in runs:
+        assert r[name]["dp_world_size"] == island_size and r[name]["synced"] == SYNCED
+        assert max(r[name]["errors"]) < tolerance, r[name]["errors"]
+        assert all(sync["masters_are_global"] and sync["module_is_global_rounded"] for sync in r[name]["masters"])
+        assert r[name]["saved_is_global"]
+    test_nothing_crosses_replicas_between_syncs({"runs": runs}, runs, name)
+    others = [(0, 1)] if island_size == 1 else [(0, 2), (1, 3)]
+    for a, b in others:
+        for step in range(len(SYNCED)):
+            same = runs[a][name]["hashes"][step] == runs[b][name]["hashes"][step]
+            assert same == (step < WARMUP or SYNCED[step]), (name, step, a, b)
+
+
+@pytest.mark.slow
+def test_deepspeeds_own_optimizers_as_the_inner_optimizer(tmp_path):
+    """ZeRO-Offload's DeepSpeedCPUAdam (Accelerate's choice for Trainer's AdamW under offload) and the config's
+    FusedAdam, at stage 0 in bfloat16 under DeepSpeed's fused mixed-precision optimizer. (Their CPU ops are
+    compiled on first use, minutes.) Against the torch-AdamW reference: the same algorithm, other kernels."""
+    spec, resume = "deepspeed_trainer:zero2_cpu_adam,zero0_bf16_fused_adam", "deepspeed_trainer:resume,zero2_bf16"
+    launched = run_scenarios(tmp_path, [spec, resume], timeout=TIMEOUT)
+    check_resumed(launched[resume], "zero2_bf16")  # (and a bfloat16 run resumes exactly)
+    runs = launched[spec]
+    assert (runs[0]["zero2_cpu_adam"]["base_optimizer"], runs[0]["zero0_bf16_fused_adam"]["optimizer"],
+            runs[0]["zero0_bf16_fused_adam"]["base_optimizer"]) == ("DeepSpeedCPUAdam", "FP16_Optimizer", "FusedAdam")
+    check(runs, "zero2_cpu_adam", 1, 1e-5)
+    check(runs, "zero0_bf16_fused_adam", 1, 0.05)
+    assert all(sync["masters_not_rounded"] for sync in runs[0]["zero0_bf16_fused_adam"]["masters"])
+
+
+@pytest.mark.slow
+def test_islands_resume_exactly_and_take_deepspeeds_optimizer(tmp_path):
+    resume, fused = "deepspeed_trainer:resume,zero1_islands,zero2_islands", "deepspeed_trainer:zero2_fused_adam_islands"
+    runs = run_scenarios(tmp_path, [resume, fused], num_processes=4, timeout=TIMEOUT)
+    for r in runs[resume]:
         for name in ("zero1_islands", "zero2_islands"):
             run = r[name]
             assert run["resumed"] == run["full"] and run["resumed_hashes"] == run["full_hashes"][6:]
             assert all({"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
                        <= set(files) for files in run["tags"].values())
+    assert runs[fused][0]["zero2_fused_adam_islands"]["base_optimizer"] == "FusedAdam"
+    check(runs[fused], "zero2_fused_adam_islands", 2, 1e-5)

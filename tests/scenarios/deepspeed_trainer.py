@@ -43,16 +43,28 @@ RUNS = {
     "zero0_islands": ("zero0.json", 2, False),
     "zero1_islands": ("zero1.json", 2, False),
     "zero2_islands": ("zero2_offload.json", 2, False),
+    # Accelerate's DeepSpeed plugin (an accelerate config's deepspeed_config_file), not TrainingArguments' field
+    "zero2_plugin": ("zero2.json", 1, False),
 }
+# DeepSpeed's own optimizers as the inner optimizer (their CPU ops are compiled on first use: minutes): ZeRO-Offload's
+# DeepSpeedCPUAdam (what Accelerate maps Trainer's AdamW to by default), and FusedAdam from the config's "optimizer",
+# which at stage 0 in bfloat16 runs under DeepSpeed's fused mixed-precision optimizer (FP16_Optimizer).
+DS_OPTIMIZER = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+OWN_OPTIMIZERS = {
+    "zero2_cpu_adam": ("zero2_offload.json", 1, False, {"zero_force_ds_cpu_optimizer": True}),
+    "zero0_bf16_fused_adam": ("zero0.json", 1, True, {"optimizer": DS_OPTIMIZER}),
+    "zero2_fused_adam_islands": ("zero2.json", 2, False, {"optimizer": DS_OPTIMIZER}),
+}
+RUNS.update(OWN_OPTIMIZERS)
 
 
-def load_example(name: str) -> dict:
+def load_example(name: str, overrides: dict | None = None) -> dict:
     with open(os.path.join(ROOT, "recipes", "deepspeed", name), encoding="utf-8") as f:
         config = json.load(f)
     config["zero_force_ds_cpu_optimizer"] = False
     config["zero_allow_untested_optimizer"] = True
     config["steps_per_print"] = 10**9
-    return config
+    return {**config, **(overrides or {})}
 
 
 def reset_state() -> None:
@@ -160,16 +172,27 @@ def train(out_dir: str, name: str | None, reference=None, resume_from=None, **ov
     counts = count_process_group_calls()
     extra = {}
     island_size, bf16 = 1, False
+    plugin = name is not None and name.endswith("_plugin")
     if name is not None:
-        example, island_size, bf16 = RUNS[name]
+        example, island_size, bf16, *overrides_of_config = RUNS[name]
         deepspeed_state()
-        extra = dict(deepspeed=load_example(example), use_cpu=False, bf16=bf16,
+        extra = dict(deepspeed=load_example(example, *overrides_of_config), use_cpu=False, bf16=bf16,
                      accelerator_config={"use_configured_state": True})
-    with bf16_on_cpu() if bf16 else contextlib.nullcontext():
-        args = LocalSGDConfig(
-            **common_args(out_dir, max_steps=STEPS, logging_steps=100, max_grad_norm=1.0, **extra, **overrides),
-            sync_every=H, outer_optimizer="nesterov", local_sgd_warmup_steps=WARMUP, island_size=island_size,
-        )
+    if plugin:  # what `accelerate launch` with deepspeed_config_file in its config exports to the processes
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "ds_config.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(extra.pop("deepspeed"), f)
+        os.environ.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=path)
+    try:
+        with bf16_on_cpu() if bf16 else contextlib.nullcontext():
+            args = LocalSGDConfig(
+                **common_args(out_dir, max_steps=STEPS, logging_steps=100, max_grad_norm=1.0, **extra, **overrides),
+                sync_every=H, outer_optimizer="nesterov", local_sgd_warmup_steps=WARMUP, island_size=island_size,
+            )
+    finally:
+        if plugin:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"], os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
     trainer = LocalSGDTrainer(model=tiny_model(), args=args, train_dataset=dataset())
     recorder = Recorder(trainer, counts, reference)
     trainer.add_callback(recorder)
@@ -186,7 +209,7 @@ def described(trainer) -> dict:
         "dp_world_size": ds.dp_world_size, "stage": ds.zero_optimization_stage(),
         "offload": bool(ds.zero_cpu_offload()), "workers": engine.world_size,
         "global_numel": engine.global_params.numel(), "model_numel": sum(p.numel() for p in trainer.model.parameters()),
-        "master_device": str(engine.flat.values_device),
+        "master_device": str(engine.flat.values_device), "from_training_arguments": trainer.args.deepspeed is not None,
     }
 
 
