@@ -3,7 +3,9 @@
 The Trainer keeps running its usual loop; this callback
 - builds a `RoundEngine` at the start of training and calls it at each step's points (begin, before and after
   the optimizer step, end), so rounds, outer syncs and the variants (PALSGD, lr scaling) run inside Trainer;
-- switches DDP's gradient all-reduce off after the warm-up (`parallel.py`), so inner steps communicate nothing;
+- switches DDP's gradient all-reduce off after the warm-up (`parallel.py`), so inner steps communicate nothing
+  (under DeepSpeed, whose data-parallel group it makes the island before Trainer prepares it, `deepspeed.py`:
+  nothing crosses islands, and the round works on DeepSpeed's float32 master weights);
 - puts the *global* model into the model whenever the Trainer evaluates or saves (between syncs, the global
   model as of the last sync; for schedule-free, its averaged iterate x), this replica's own weights back before
   the next inner step;
