@@ -71,14 +71,18 @@ def test_deepspeed_runs_as_configured(pairs, islands, name):
 def test_nothing_crosses_replicas_between_syncs(pairs, islands, name):
     """Counted at the process groups, on every rank: between syncs only the island's own group (or the rank's
     alone) sees a collective; the warm-up averages each gradient across islands; a sync is one all-reduce."""
-    for r in results(pairs, islands, name):
+    check_collectives(results(pairs, islands, name), name)
+
+
+def check_collectives(runs, name, micro_batches=1):
+    for r in runs:
         rank, island_size = r["rank"], r[name]["dp_world_size"]
         island = {str(rank - rank % island_size + m) for m in range(island_size)}
         across = "world" if island_size == 1 else f"{rank % 2},{rank % 2 + 2}"
         for step, collectives in enumerate(made(r[name])):
             outside = {k: v for k, v in collectives.items() if not set(k.split("@")[1].split(",")) <= island}
-            if step < WARMUP:
-                assert outside == {f"allreduce@{across}": NUM_PARAMS}, (step, collectives)
+            if step < WARMUP:  # (each micro-batch's gradients)
+                assert outside == {f"allreduce@{across}": NUM_PARAMS * micro_batches}, (step, collectives)
             elif SYNCED[step]:
                 assert outside == {f"allreduce@{across}": 1}, (step, collectives)
             else:
@@ -146,14 +150,14 @@ def test_resume_from_a_mid_round_checkpoint_is_exact(pairs, name):
         assert saved[name]["full_hashes"] == unsaved[name]["hashes"]
 
 
-def check(runs, name, island_size, tolerance):
+def check(runs, name, island_size, tolerance, micro_batches=1):
     """The checks of the tests above, for one run of the slow launches below."""
     for r in runs:
         assert r[name]["dp_world_size"] == island_size and r[name]["synced"] == SYNCED
         assert max(r[name]["errors"]) < tolerance, r[name]["errors"]
         assert all(sync["masters_are_global"] and sync["module_is_global_rounded"] for sync in r[name]["masters"])
         assert r[name]["saved_is_global"]
-    test_nothing_crosses_replicas_between_syncs({"runs": runs}, runs, name)
+    check_collectives(runs, name, micro_batches)
     others = [(0, 1)] if island_size == 1 else [(0, 2), (1, 3)]
     for a, b in others:
         for step in range(len(SYNCED)):
@@ -178,8 +182,11 @@ def test_deepspeeds_own_optimizers_as_the_inner_optimizer(tmp_path):
 
 
 @pytest.mark.slow
-def test_islands_resume_exactly_and_take_deepspeeds_optimizer(tmp_path):
-    resume, fused = "deepspeed_trainer:resume,zero1_islands,zero2_islands", "deepspeed_trainer:zero2_fused_adam_islands"
+def test_islands_resume_exactly_take_deepspeeds_optimizer_and_accumulate_gradients(tmp_path):
+    """Islands of 2: mid-round resumes at ZeRO-1 and ZeRO-2; FusedAdam from the config; 2 micro-batches a step
+    (each one's gradients averaged across islands in the warm-up), against DDP islands that accumulate too."""
+    resume = "deepspeed_trainer:resume,zero1_islands,zero2_islands"
+    fused = "deepspeed_trainer:zero2_fused_adam_islands,zero2_accumulation_islands"
     runs = run_scenarios(tmp_path, [resume, fused], num_processes=4, timeout=TIMEOUT)
     for r in runs[resume]:
         for name in ("zero1_islands", "zero2_islands"):
@@ -189,3 +196,4 @@ def test_islands_resume_exactly_and_take_deepspeeds_optimizer(tmp_path):
                        <= set(files) for files in run["tags"].values())
     assert runs[fused][0]["zero2_fused_adam_islands"]["base_optimizer"] == "FusedAdam"
     check(runs[fused], "zero2_fused_adam_islands", 2, 1e-5)
+    check(runs[fused], "zero2_accumulation_islands", 2, 1e-5, micro_batches=2)

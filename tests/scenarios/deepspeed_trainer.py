@@ -56,6 +56,10 @@ OWN_OPTIMIZERS = {
     "zero2_fused_adam_islands": ("zero2.json", 2, False, {"optimizer": DS_OPTIMIZER}),
 }
 RUNS.update(OWN_OPTIMIZERS)
+# Gradient accumulation (2 micro-batches a step): the warm-up's hooks average each micro-batch's gradient across
+# islands, before ZeRO-2 reduces it into the island's partitions (its reference accumulates too).
+RUNS["zero2_accumulation_islands"] = ("zero2.json", 2, False)
+TRAINING = {"zero2_accumulation_islands": {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}}
 
 
 def load_example(name: str, overrides: dict | None = None) -> dict:
@@ -218,16 +222,16 @@ def run(out_dir: str, *names: str) -> dict:
     names = [n for n in names if n != "resume"]
     result = {"rank": dist.get_rank()}
     if not resume:
-        island_sizes = {RUNS[n][1] for n in names}
+        kinds = {(RUNS[n][1], tuple(sorted(TRAINING.get(n, {}).items()))) for n in names}
         references = {}
-        for island_size in sorted(island_sizes):  # the same run through Trainer's DDP
+        for kind in sorted(kinds):  # the same run through Trainer's DDP
             reset_state()
             os.environ["ACCELERATE_USE_CPU"] = "true"
-            _, recorder = _reference(out_dir, island_size)
-            references[island_size] = recorder
-            result[f"reference{island_size}"] = {"hashes": recorder.hashes, "synced": recorder.synced}
+            _, references[kind] = _reference(out_dir, *kind)
         for name in names:
-            trainer, recorder = train(os.path.join(out_dir, name), name, references[RUNS[name][1]].globals)
+            kind = (RUNS[name][1], tuple(sorted(TRAINING.get(name, {}).items())))
+            trainer, recorder = train(os.path.join(out_dir, name), name, references[kind].globals,
+                                      **TRAINING.get(name, {}))
             result[name] = {"hashes": recorder.hashes, "synced": recorder.synced, "errors": recorder.errors,
                             "collectives": recorder.collectives, "masters": recorder.masters, **described(trainer),
                             "saved_is_global": saved_is_global(trainer, os.path.join(out_dir, name, "final"))}
@@ -246,11 +250,12 @@ def run(out_dir: str, *names: str) -> dict:
     return result
 
 
-def _reference(out_dir: str, island_size: int):
+def _reference(out_dir: str, island_size: int, training: tuple = ()):
     counts = count_process_group_calls()
+    folder = "-".join([f"reference{island_size}", *(f"{k}{v}" for k, v in training)])
     args = LocalSGDConfig(
-        **common_args(os.path.join(out_dir, f"reference{island_size}"), max_steps=STEPS, logging_steps=100,
-                      max_grad_norm=1.0),
+        **common_args(os.path.join(out_dir, folder), max_steps=STEPS, logging_steps=100, max_grad_norm=1.0,
+                      **dict(training)),
         sync_every=H, outer_optimizer="nesterov", local_sgd_warmup_steps=WARMUP, island_size=island_size,
     )
     trainer = LocalSGDTrainer(model=tiny_model(), args=args, train_dataset=dataset())
