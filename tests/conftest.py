@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent / "support"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator: the tests run on CPU processes
 
 
 def launch_env(**extra: str) -> dict:
@@ -39,6 +40,7 @@ def launch_env(**extra: str) -> dict:
     # The multi_gpu launcher does not export the config's `use_cpu`; without a GPU, Accelerate then sees
     # no distributed setup unless told (TrainingArguments(use_cpu=True) also tells it).
     env["ACCELERATE_USE_CPU"] = "true"
+    env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would look for a GPU (tests/scenarios/deepspeed_trainer.py)
     env.update(extra)
     return env
 

@@ -53,6 +53,31 @@ def test_readme_monitoring_names_every_metric():
         assert f"`{PREFIX}{name}`" in monitoring or f"`{PREFIX}" in monitoring and f"`{name}`" in monitoring, name
 
 
+def test_readme_deepspeed_table_matches_the_tests():
+    """Every run README's DeepSpeed table names trains that ZeRO stage at that island size in the scenario and is
+    launched by the default DeepSpeed tests, which run no other; the refused stage is refused in Failures."""
+    section = README[README.index("### 7. DeepSpeed"):README.index("## Options")]
+    scenario = (ROOT / "tests" / "scenarios" / "deepspeed_trainer.py").read_text()
+    runs = {name: (int(stage), int(island)) for name, stage, island
+            in re.findall(r'"(\w+)": \("zero(\d)\w*\.json", (\d)', scenario)}
+    tests = (ROOT / "tests" / "distributed" / "test_deepspeed.py").read_text()
+    launched = set(re.findall(r'"(\w+)"', re.search(r"^PAIRS = \[.*?\]", tests, re.M | re.S).group(0)))
+    launched |= set(re.findall(r'"(\w+)"', re.search(r"^ISLANDS = \[.*?\]", tests, re.M | re.S).group(0)))
+    named = set()
+    for row in re.findall(r"^\| (\d) \| (.+?) \| (.+?) \|", section, flags=re.M):
+        stage = int(row[0])
+        for column, island_size in ((row[1], 1), (row[2], 2)):
+            if stage == 3:
+                assert column == "refused"
+                continue
+            assert column.startswith("tested: "), column
+            for name in re.findall(r"`(\w+)`", column):
+                assert runs[name] == (stage, island_size) and name in launched, name
+                named.add(name)
+    assert named == launched
+    assert "`deepspeed: zero_optimization.stage=3: " in README[README.index("## Failures"):]
+
+
 SHIPPED = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *(ROOT / "docs").rglob("*.md"),
            *(ROOT / "hf_localsgd").rglob("*.py"), *(ROOT / "recipes").rglob("*"), *(ROOT / "accelerate_configs").rglob("*"),
            *(ROOT / "examples").rglob("*.py"), *(ROOT / "bench").rglob("*"),

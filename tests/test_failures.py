@@ -97,6 +97,20 @@ def cut(path: Path) -> Path:
 
 NESTEROV = LocalSGDOptions(sync_every=4)
 
+
+def ds_config_file(tmp_path: Path, ds_config: dict) -> Path:
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(ds_config))
+    return path
+
+
+def deepspeed_trainer(stage: int):
+    """A trainer whose accelerate config enables DeepSpeed at ``stage`` (as much of one as `attach` reads)."""
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": stage}})
+    return SimpleNamespace(is_deepspeed_enabled=True, add_callback=None, args=SimpleNamespace(n_gpu=1, deepspeed=None),
+                           accelerator=SimpleNamespace(distributed_type="DistributedType.DEEPSPEED",
+                                                       state=SimpleNamespace(deepspeed_plugin=plugin)))
+
 # Rows whose trigger needs real ranks or a training run: the test that runs it.
 ELSEWHERE = {
     "local_sgd_warmup_steps (…) must be shorter than the run (…)":
@@ -181,7 +195,15 @@ def triggers(tmp_path, capsys, monkeypatch) -> dict:
             config(tmp_path, max_steps=10, local_sgd_warmup_steps=10),
         "pseudo_sync_prob: PALSGD skips the gradients of pseudo-synchronization steps":
             config(tmp_path, fp16=True, pseudo_sync_prob=0.1),
-        "deepspeed: DeepSpeed manages gradient reduction itself": config(tmp_path, deepspeed="ds_config.json"),
+        "deepspeed: zero_optimization.stage=3: ZeRO stage 3 partitions the parameters themselves":
+            config(tmp_path, deepspeed=str(ds_config_file(tmp_path, {"zero_optimization": {"stage": 3}}))),
+        "deepspeed: data_parallel_size=…: builds DeepSpeed's own data-/sequence-parallel mesh over all ranks":
+            config(tmp_path, deepspeed={"data_parallel_size": 2, "sequence_parallel_size": 1}),
+        "deepspeed: tensor_parallel.autotp_size=…: AutoTP brings a model-parallel unit of its own":
+            config(tmp_path, deepspeed={"tensor_parallel": {"autotp_size": 2}}),
+        "pseudo_sync_prob: PALSGD skips whole inner steps":
+            config(tmp_path, deepspeed={"zero_optimization": {"stage": 2}}, pseudo_sync_prob=0.1),
+        "deepspeed_config: zero_optimization.stage=3: …": lambda: LocalSGDCallback.attach(deepspeed_trainer(3), LocalSGDArguments()),
         "fsdp: FSDP would shard the model over all ranks, while local SGD keeps one replica per worker: set island_size":
             config(tmp_path, fsdp="full_shard"),
         "fsdp_config: islands shard with FSDP2; got version 1":
@@ -189,8 +211,7 @@ def triggers(tmp_path, capsys, monkeypatch) -> dict:
         "ddp_find_unused_parameters: DDP's search for unused parameters all-reduces a map of them over all ranks in "
         "every backward": config(tmp_path, island_size=2, ddp_find_unused_parameters=True),
         "RuntimeError: Local SGD does not support distributed_type=…": lambda: check_supported(
-            SimpleNamespace(accelerator=SimpleNamespace(distributed_type="DistributedType.DEEPSPEED")),
-            SimpleNamespace(n_gpu=1)),
+            SimpleNamespace(accelerator=SimpleNamespace(distributed_type="DistributedType.XLA")), SimpleNamespace(n_gpu=1)),
         "RuntimeError: island_size: FSDP (distributed_type=FSDP in your accelerate config) would shard the model over "
         "all ranks": lambda: check_supported(
             SimpleNamespace(accelerator=SimpleNamespace(distributed_type="DistributedType.FSDP")), SimpleNamespace(n_gpu=1)),

@@ -9,32 +9,45 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .adascale import GainRatioScaling
 from .collectives import AllReduce
+from .flat import FlatParams, MasterWeights
 from .hooks import RoundHook
 from .options import LocalSGDOptions
 from .palsgd import PseudoSync
-from .flat import FlatParams
 from .overlap import DelayedSync, EagerSync
 from .quantize import Int8AllReduce
-from .shard import IslandShard, Replica, build_shard, is_sharded
+from .shard import IslandShard, Replica, build_shard, is_sharded, reshard_before_writes
 from .streaming import StreamingSync, fragment_spans
 from .sync import OuterSync
 from .topology import Topology
 
+
 SYNCS = {"none": OuterSync, "delayed": DelayedSync, "eager": EagerSync}
 
 
+def build_layout(model, masters: MasterWeights | None, bucket_size_mb: float) -> FlatParams:
+    """The flat layout of what the round reads and writes: the trainable parameters of ``model`` (a module or
+    its parameters), or the float32 master weights of its optimizer when given."""
+    if masters is not None:
+        return FlatParams(masters.tensors, bucket_size_mb * 2**20 / 4, after_write=masters.refresh,
+                          device=masters.device)
+    params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.requires_grad]
+    return FlatParams(params, bucket_size_mb * 2**20 / 4, before_write=reshard_before_writes(model))
+
+
 def build_islands(options: LocalSGDOptions, flat: FlatParams, group: dist.ProcessGroup | None,
-                  topology: Topology | None) -> tuple[Topology, Replica | IslandShard]:
+                  topology: Topology | None, sharded: bool = False) -> tuple[Topology, Replica | IslandShard]:
     """The islands (given, e.g. the mesh FSDP2 shards the model over, or cut by ``island_size``) and what of the
-    global model this rank keeps in them."""
+    global model this rank keeps in them. ``sharded``: the ranks of an island hold different parts of the replica
+    (ZeRO's partitions of the master weights; FSDP2's shards are recognized by their type)."""
     if topology is not None and topology.island_size != options.island_size:
         raise ValueError(f"island_size: the options say {options.island_size}, the islands given (the mesh the "
                          f"model is sharded over) have {topology.island_size} ranks: make them agree")
     topology = topology or Topology.build(options.island_size, group, flat.device.type)
-    return topology, build_shard(flat, topology, replicated_within_island=not is_sharded(flat.params))
+    return topology, build_shard(flat, topology, replicated_within_island=not (sharded or is_sharded(flat.params)))
 
 
 def overlapped(options: LocalSGDOptions) -> bool:
@@ -61,8 +74,8 @@ def build_sync(options: LocalSGDOptions, shard: Replica | IslandShard, reducer: 
         flat = shard.full
         fragments = []
         for spans in fragment_spans(model, flat, options.num_fragments):
-            layout = FlatParams(flat.params, flat.bucket_numel, spans, flat.before_write)
-            fragment_shard = build_shard(layout, topology, replicated_within_island=not is_sharded(flat.params))
+            fragment_shard = build_shard(flat.with_spans(spans), topology,
+                                         replicated_within_island=isinstance(shard, IslandShard))
             fragments.append(OuterSync(fragment_shard, reducer, options, state_device, total_rounds, topology,
                                        timeout))
         return StreamingSync(fragments, options.fragment_sync_delay, options.fragment_update_alpha)

@@ -24,16 +24,15 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .build import build_hooks, build_islands, build_reducer, build_sync
+from .build import build_hooks, build_islands, build_layout, build_reducer, build_sync
 from .checkpoint import check_resumable
 from .collectives import SyncTimeoutError, check_launch
-from .flat import FlatParams, keep_buffers_local, warn_about_unsynchronized_buffers
+from .flat import MasterWeights, keep_buffers_local, warn_about_unsynchronized_buffers
 from .global_model import GlobalModelAccess
 from .hooks import RoundHook, check_hooks
 from .metrics import outer_gradient_metrics, ring_bytes, traffic_metrics
 from .options import LocalSGDOptions
 from .schedules import build_sync_schedule, peak_lr, total_rounds
-from .shard import reshard_before_writes
 from .topology import Topology
 
 
@@ -66,6 +65,8 @@ class RoundEngine(GlobalModelAccess):
             switch on.
         default_sync_timeout: the seconds an outer sync waits for the other replicas when the options'
             ``sync_timeout_seconds`` is None (the Trainer glue passes ``ddp_timeout``).
+        masters: the float32 weights the round reads and writes when they are not the model's parameters
+            (`hf_localsgd.core.flat.MasterWeights`: DeepSpeed's).
 
     The inner step, with the calls the options need (all but ``step()`` are no-ops without PALSGD or lr
     scaling, and may be left out then):
@@ -105,6 +106,7 @@ class RoundEngine(GlobalModelAccess):
         schedule: Callable[[int], int] | None = None,
         hooks: Iterable[RoundHook] = (),
         default_sync_timeout: float | None = None,
+        masters: MasterWeights | None = None,
         **option_fields,
     ):
         if options is not None and option_fields:
@@ -120,12 +122,11 @@ class RoundEngine(GlobalModelAccess):
         if isinstance(model, DistributedDataParallel):
             keep_buffers_local(model)
             model = model.module
-        params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.requires_grad]
-        self.flat = FlatParams(params, bucket_size_mb * 2**20 / 4, before_write=reshard_before_writes(model))
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        self.peak_lr = peak_lr(optimizer, lr_scheduler)
+        self.flat = build_layout(model, masters, bucket_size_mb)
+        self.optimizer, self.lr_scheduler, self.peak_lr = optimizer, lr_scheduler, peak_lr(optimizer, lr_scheduler)
         check_launch()
-        self.topology, self.shard = build_islands(options, self.flat, process_group, topology)
+        self.topology, self.shard = build_islands(options, self.flat, process_group, topology,
+                                                  sharded=masters is not None and masters.sharded)
         self.reducer = build_reducer(options, self.topology)
         self.world_size = self.topology.num_islands  # K: the replicas of the round
         self.replica_index = self.topology.replica_index

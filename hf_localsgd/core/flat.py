@@ -11,12 +11,18 @@ A layout may cover spans of the vector only: a fragment of the model that synchr
 1/island_size of the parameters (`FlatParams.part`, `hf_localsgd.core.shard`). Parameters may then be cut: a
 *piece* is the run of a parameter's flattened elements that the layout covers. Parameters sharded by FSDP2
 (DTensors) contribute the shard this rank holds.
+
+The layout may also cover the float32 *master weights* an optimizer steps from instead of the model's parameters
+(`MasterWeights`: mixed precision and ZeRO under DeepSpeed), which may live elsewhere (host memory, with ZeRO-Offload)
+than the buffers of the outer all-reduce (``device``); after every write, the model's parameters are refreshed
+from them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,20 +91,44 @@ class Bucket:
         return [piece.view(flat, self.start) for piece in self.pieces]
 
 
+@dataclass
+class MasterWeights:
+    """The float32 weights an inner optimizer steps from when they are not the model's parameters: mixed precision
+    (a bfloat16/float16 model, float32 masters) and ZeRO's partitions, under DeepSpeed. The engine then reads and
+    writes these (a round starts from the global model in them, exactly), and ``refresh`` copies them into the
+    model's parameters after every write (rounded to the model's dtype), as the optimizer does after its steps.
+
+    ``tensors``: the masters, one per parameter or per part of one (``sharded``: each rank of an island holds
+    other parts, as ZeRO-1/2 partition them over the island); all on one device, possibly the host.
+    ``device``: where the outer all-reduce's buffers are made (the model's device)."""
+
+    tensors: list[torch.Tensor]
+    refresh: Callable[[], None]
+    device: torch.device
+    sharded: bool = False
+
+
 class FlatParams:
     """The flat layout of ``params`` (or of the ``spans`` of their concatenation, in order): views of flat
     tensors shaped like the parameters, and copies between the parameters and a flat tensor. Positions in a flat
-    tensor of the layout count from 0 over its spans. Empty parameters carry nothing and are left out."""
+    tensor of the layout count from 0 over its spans. Empty parameters carry nothing and are left out.
 
-    def __init__(self, params, bucket_numel: float, spans: list[tuple[int, int]] | None = None, before_write=None):
+    ``params`` may be any tensors that hold the replica's weights (the model's parameters, or its float32
+    masters: `MasterWeights`); ``device`` is where flat buffers are made (default: where the tensors live);
+    ``before_write`` / ``after_write`` are called around every write into them."""
+
+    def __init__(self, params, bucket_numel: float, spans: list[tuple[int, int]] | None = None, before_write=None,
+                 after_write=None, device: torch.device | None = None):
         self.before_write = before_write  # called before the model's values are written (FSDP2: reshard first)
+        self.after_write = after_write  # called after (masters: refresh the model's parameters from them)
         self.params = [p for p in params if local_values(p).numel() > 0]
         if not self.params:
             raise ValueError("The model has no trainable parameters (on this rank)")
         devices = {local_values(p).device for p in self.params}
         if len(devices) != 1:
             raise ValueError(f"All trainable parameters must live on one device, found {sorted(map(str, devices))}")
-        self.device = devices.pop()
+        self.values_device = devices.pop()  # where the tensors live
+        self.device = self.values_device if device is None else torch.device(device)  # where buffers are made
         self.bucket_numel = bucket_numel
         self.total_numel = sum(local_values(p).numel() for p in self.params)  # of the whole vector
         self.spans = [(0, self.total_numel)] if spans is None else [(a, b) for a, b in spans if a < b]
@@ -147,8 +177,11 @@ class FlatParams:
         """The layout of the ``index``-th of ``count`` equal runs of this one's positions (the last ones may be
         shorter, even empty), with the same bucket size."""
         chunk = self.chunk(count)
-        return FlatParams(self.params, self.bucket_numel, self.subspans(index * chunk, (index + 1) * chunk),
-                          self.before_write)
+        return self.with_spans(self.subspans(index * chunk, (index + 1) * chunk))
+
+    def with_spans(self, spans: list[tuple[int, int]]) -> FlatParams:
+        """The layout of ``spans`` of the same vector, with the same buckets' size, devices and write hooks."""
+        return FlatParams(self.params, self.bucket_numel, spans, self.before_write, self.after_write, self.device)
 
     def chunk(self, count: int) -> int:
         """The length of each of ``count`` equal runs of the layout's positions (the last padded)."""
@@ -177,22 +210,28 @@ class FlatParams:
         if self.before_write is not None:
             self.before_write()
 
+    def _written(self) -> None:
+        if self.after_write is not None:
+            self.after_write()
+
     @torch.no_grad()
     def copy_to_model(self, flat: torch.Tensor) -> None:
         self._writing()
         for b in self.buckets:
-            src = self._bucket_span(flat, b).to(self.device, non_blocking=True)
+            src = self._bucket_span(flat, b).to(self.values_device, non_blocking=True)
             torch._foreach_copy_(b.tensors(), b.views(src))
+        self._written()
 
     @torch.no_grad()
     def lerp_model_toward(self, flat: torch.Tensor, weight: float) -> None:
         """p <- p + weight (target - p) for every parameter, the target taken from ``flat`` in p's dtype."""
         self._writing()
         for b in self.buckets:
-            src = self._bucket_span(flat, b).to(self.device, non_blocking=True)
+            src = self._bucket_span(flat, b).to(self.values_device, non_blocking=True)
             tensors = b.tensors()
             targets = [v.to(t.dtype) for v, t in zip(b.views(src), tensors)]
             torch._foreach_lerp_(tensors, targets, weight)
+        self._written()
 
     @torch.no_grad()
     def copy_grads(self, flat: torch.Tensor) -> None:

@@ -88,7 +88,8 @@ class LocalSGDOptions:
     # --- islands
     island_size: int = _option(
         1, "Ranks per island: consecutive ranks that train one replica together with synchronous data parallelism "
-           "(DDP, or FSDP2 sharding the model inside the island) on every step, while islands run the round "
+           "(DDP, FSDP2 sharding the model inside the island, or DeepSpeed ZeRO 0-2 with the island as its "
+           "data-parallel group) on every step, while islands run the round "
            "between them (one outer all-reduce every H steps). Set it to the GPUs per node for one island per "
            "node. 1: every rank is its own replica. The number of processes must be a multiple of it."
     )

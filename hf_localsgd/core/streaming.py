@@ -48,7 +48,7 @@ def fragment_spans(model: nn.Module | None, flat: FlatParams, count: int) -> lis
     for p in flat.params:
         (rest if id(p) not in owner else spans[owner[id(p)]]).append(positions[id(p)])
     # The rest as one layout, cut into equal runs of its positions: a 1/count share each.
-    others = FlatParams(flat.params, flat.bucket_numel, rest) if rest else None
+    others = flat.with_spans(rest) if rest else None
     for i in range(count):
         if others is not None:
             spans[i] += others.subspans(i * others.chunk(count), (i + 1) * others.chunk(count))

@@ -189,6 +189,8 @@ class OuterSync:
             reference = self.start_point(start, end).to(flat.device, non_blocking=True)
             # x_r - x_k straight into the flat buffer: one pass per parameter, no flat copy of x_k first.
             for g, p, d in zip(b.views(reference), b.tensors(), b.views(body)):
+                if p.device != d.device:  # float32 masters in host memory (ZeRO-Offload)
+                    p = p.to(d.device, non_blocking=True)
                 if p.dtype == torch.float32:
                     torch.sub(g, p, out=d)
                 else:

@@ -3,7 +3,9 @@
 The Trainer keeps running its usual loop; this callback
 - builds a `RoundEngine` at the start of training and calls it at each step's points (begin, before and after
   the optimizer step, end), so rounds, outer syncs and the variants (PALSGD, lr scaling) run inside Trainer;
-- switches DDP's gradient all-reduce off after the warm-up (`parallel.py`), so inner steps communicate nothing;
+- switches DDP's gradient all-reduce off after the warm-up (`parallel.py`), so inner steps communicate nothing
+  (under DeepSpeed, whose data-parallel group it makes the island before Trainer prepares it, `deepspeed.py`:
+  nothing crosses islands, and the round works on DeepSpeed's float32 master weights);
 - puts the *global* model into the model whenever the Trainer evaluates or saves (between syncs, the global
   model as of the last sync; for schedule-free, its averaged iterate x), this replica's own weights back before
   the next inner step;
@@ -34,6 +36,7 @@ from ..core.metrics import PREFIX
 from . import console
 from .checkpoint_dirs import checkpoint_dirs, trainer_state_problem
 from .config import LocalSGDArguments
+from .deepspeed import DeepSpeedIslands, check_deepspeed_config
 from .local_metrics import LocalGathers
 from .parallel import UNATTACHED, check_supported, find_wrapper
 
@@ -73,6 +76,7 @@ class LocalSGDCallback(TrainerCallback):
         self.resume_from_checkpoint: str | None = None
         self.training = False
         self._gradient_sync = None
+        self.deepspeed: DeepSpeedIslands | None = None  # DeepSpeed's data-parallel group made the island
         self._local_gathers: LocalGathers | None = None
         self._progress: ProgressCallback | None = None
         self._state_written_at: int | None = None
@@ -100,6 +104,11 @@ class LocalSGDCallback(TrainerCallback):
                 f"cannot do: train with LocalSGDTrainer, or give {type(trainer).__name__} the local-SGD overrides "
                 f"(class MyTrainer(LocalSGDTrainerMixin, {type(trainer).__name__}))"
             )
+        if getattr(trainer, "is_deepspeed_enabled", False):
+            # Before Trainer prepares DeepSpeed: its data-parallel group becomes the island (integrations/deepspeed.py).
+            source = "deepspeed" if getattr(trainer.args, "deepspeed", None) else "deepspeed_config"
+            check_deepspeed_config(trainer.accelerator.state.deepspeed_plugin.deepspeed_config, options, source)
+            callback.deepspeed = DeepSpeedIslands(trainer, options)
         if getattr(options, "lr_scaling", "none") != "none" and not getattr(trainer, "local_sgd_stretches_schedule", False):
             raise ValueError(
                 f"lr_scaling: trains for the base run's budget of scale-invariant steps, which may take more steps "
@@ -119,7 +128,7 @@ class LocalSGDCallback(TrainerCallback):
         """Called by the constructor of a Trainer given this callback in ``callbacks=[...]`` (not after `attach`):
         what would stop training is said now, before any model is prepared or any collective runs."""
         check_options(self.config if self.config is not None else args, args)
-        if self.trainer is None and getattr(args, "world_size", 1) > 1:
+        if self.trainer is None and (getattr(args, "world_size", 1) > 1 or getattr(args, "deepspeed", None)):
             raise RuntimeError(UNATTACHED)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
@@ -136,14 +145,19 @@ class LocalSGDCallback(TrainerCallback):
         self._check_per_step_communication(args, config, wrapper)
         # lr scaling: the base run's steps, which the lr schedule is built for (state.max_steps is the loop bound).
         total_steps = getattr(self.trainer, "local_sgd_budget", None) or state.max_steps
+        ds = self.deepspeed
         self.engine = RoundEngine(
             model, config, process_group=self.process_group, optimizer=optimizer,
             lr_scheduler=getattr(lr_scheduler, "scheduler", lr_scheduler),  # (Accelerate's wrapper, if any)
             total_steps=total_steps, lr_warmup_steps=args.get_warmup_steps(total_steps), seed=args.seed,
-            track_metrics=args.logging_strategy != "no", topology=getattr(self.trainer, "local_sgd_topology", None),
-            default_sync_timeout=getattr(args, "ddp_timeout", None),
+            track_metrics=args.logging_strategy != "no", default_sync_timeout=getattr(args, "ddp_timeout", None),
+            topology=ds.topology if ds else getattr(self.trainer, "local_sgd_topology", None),
+            masters=ds.master_weights() if ds else None,  # DeepSpeed's float32 master weights, where it keeps them
         )
-        self._gradient_sync = None if wrapper is None else gradient_sync(wrapper, self.engine.topology)
+        if ds is not None:
+            self._gradient_sync = ds.gradient_sync
+        else:
+            self._gradient_sync = None if wrapper is None else gradient_sync(wrapper, self.engine.topology)
         if self._gradient_sync is not None and hasattr(self.trainer, "accelerator"):
             self._local_gathers = LocalGathers(self.trainer.accelerator, self._world_size)
         self._train_started = time.perf_counter()
@@ -305,8 +319,13 @@ class LocalSGDCallback(TrainerCallback):
     def write_state(self, args, state, optimizer) -> None:
         """Write this rank's state file into this step's checkpoint directory, once per step."""
         if self._state_written_at != state.global_step:
-            save_rank_state(self._checkpoint_dir(args, state), self.engine, optimizer)
+            save_rank_state(self._checkpoint_dir(args, state), self.engine, self._own_optimizer(optimizer))
             self._state_written_at = state.global_step
+
+    def _own_optimizer(self, optimizer):
+        """The inner optimizer whose state goes into this rank's file: none under DeepSpeed, whose checkpoint (one
+        per island, `hf_localsgd.integrations.deepspeed`) holds it with its master weights."""
+        return None if self.deepspeed is not None else optimizer
 
     def _checkpoint_dir(self, args, state) -> str:
         """This step's checkpoint folder, where Trainer puts it (a hyperparameter-search trial's run folder
@@ -324,7 +343,7 @@ class LocalSGDCallback(TrainerCallback):
         # save finished there), to resume from instead.
         run_dir = os.path.dirname(self._checkpoint_dir(args, state))
         fallbacks = [d for d in checkpoint_dirs(run_dir) if trainer_state_problem(d) is None]
-        path = resume_rank_state(candidates, self.engine, optimizer, fallbacks=fallbacks)
+        path = resume_rank_state(candidates, self.engine, self._own_optimizer(optimizer), fallbacks=fallbacks)
         if path is None:
             logger.warning(
                 "Local SGD: resuming at step %d from a checkpoint without %s files; starting new rounds from the "

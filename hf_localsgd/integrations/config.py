@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..core.options import LocalSGDOptions
+from .deepspeed import check_deepspeed_config, load_config
 
 
 @dataclass
 class LocalSGDArguments(LocalSGDOptions):
     """`LocalSGDOptions` as a mixin for a `TrainingArguments` subclass: its `__post_init__` also checks the
     options against the trainer's fields (a warm-up longer than `max_steps`, sharding without islands, fp16 with
-    PALSGD) and what no Trainer can run (the `worst_case` partition)."""
+    PALSGD, a DeepSpeed config local SGD cannot run under) and what no Trainer can run (the `worst_case`
+    partition)."""
 
     def __post_init__(self):
         # Islands: DDP's search for unused parameters all-reduces a map of them over all ranks in every backward,
@@ -48,9 +50,9 @@ class LocalSGDArguments(LocalSGDOptions):
         if self.pseudo_sync_prob > 0 and getattr(self, "fp16", False):
             fail("pseudo_sync_prob", "PALSGD skips the gradients of pseudo-synchronization steps, which fp16's "
                  "gradient scaler cannot step without; use bf16")
-        # Sharded or engine-managed data parallelism synchronizes (or shards) what local SGD keeps local.
+        # DeepSpeed: ZeRO 0-2 with its data-parallel group the island (integrations/deepspeed.py); not the rest.
         if getattr(self, "deepspeed", None):
-            fail("deepspeed", "DeepSpeed manages gradient reduction itself; local SGD needs plain DDP (unset it)")
+            check_deepspeed_config(load_config(self.deepspeed), self, "deepspeed")
         if self.island_size > 1 and getattr(self, "ddp_find_unused_parameters", None):
             fail("ddp_find_unused_parameters", "DDP's search for unused parameters all-reduces a map of them over all "
                  "ranks in every backward, across islands: set it to False with island_size > 1 (every parameter "

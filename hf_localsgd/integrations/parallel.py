@@ -2,7 +2,8 @@
 
 Trainer (through Accelerate) wraps the model in `DistributedDataParallel` in a multi-process run; the switch
 of its gradient all-reduce (over all ranks in the warm-up, then over the island or nowhere) is
-`hf_localsgd.core.data_parallel.gradient_sync`, made once the engine knows the islands.
+`hf_localsgd.core.data_parallel.gradient_sync`, made once the engine knows the islands. Under DeepSpeed the
+wrapper is its engine, whose data-parallel group is the island (`hf_localsgd.integrations.deepspeed`).
 
 FSDP2 inside islands: `shard_inside_islands` shards the model over each island's ranks before Accelerate
 prepares it (Accelerate takes an FSDP2 module as it is). Left to itself, Accelerate would shard over all ranks,
@@ -23,8 +24,9 @@ from ..core.topology import Topology
 UNATTACHED = ("LocalSGDCallback cannot switch off DDP's gradient all-reduce from a `callbacks=[...]` list: "
               "Trainer never hands callbacks its DDP wrapper. Use LocalSGDTrainer, or attach the callback "
               "to your trainer instead: `LocalSGDCallback.attach(trainer, local_sgd_args)`.")
-# Setups in which something other than a replica per rank (or per island) holds the parameters.
-UNSUPPORTED = ("DEEPSPEED", "XLA", "MEGATRON_LM")
+# Setups in which something other than a replica per rank (or per island) holds the parameters. (DeepSpeed's
+# ZeRO 0-2 run with its data-parallel group the island: integrations/deepspeed.py, which refuses the rest.)
+UNSUPPORTED = ("XLA", "MEGATRON_LM")
 
 
 def check_supported(trainer, args) -> None:
@@ -34,8 +36,8 @@ def check_supported(trainer, args) -> None:
     if distributed_type in UNSUPPORTED:
         raise RuntimeError(
             f"Local SGD does not support distributed_type={distributed_type} (set in your accelerate config): "
-            "it needs one full model replica per rank under plain DDP (MULTI_GPU / MULTI_CPU), or FSDP2 inside "
-            "islands (island_size)."
+            "it needs one full model replica per rank under plain DDP (MULTI_GPU / MULTI_CPU), or FSDP2 or "
+            "DeepSpeed ZeRO 0-2 inside islands (island_size)."
         )
     if distributed_type == "FSDP":
         if getattr(args, "island_size", 1) == 1:
@@ -96,7 +98,9 @@ def find_wrapper(trainer, model, world_size: int) -> nn.Module | None:
     wrapped = trainer.model_wrapped
     if isinstance(wrapped, DistributedDataParallel) or fsdp_modules(wrapped):
         return wrapped
+    if getattr(trainer, "is_deepspeed_enabled", False) and wrapped is not model:
+        return wrapped  # DeepSpeed's engine, whose data-parallel group is the island (integrations/deepspeed.py)
     if wrapped is model:
         return None
-    raise RuntimeError(f"Local SGD supports DDP, FSDP2 inside islands or an unwrapped model, not "
+    raise RuntimeError(f"Local SGD supports DDP, FSDP2 or DeepSpeed inside islands or an unwrapped model, not "
                        f"{type(wrapped).__name__}")

@@ -11,7 +11,7 @@ import torch
 from toy import flat, local_steps, model
 
 from hf_localsgd import LocalSGDOptions, RoundEngine, RoundHook
-from hf_localsgd.core.flat import unsynchronized_buffers
+from hf_localsgd.core.flat import MasterWeights, unsynchronized_buffers
 from hf_localsgd.core.metrics import METRICS
 
 
@@ -189,6 +189,40 @@ def test_bfloat16_replicas_follow_the_float32_run(name, lr, momentum):
     float32, bfloat16 = engines[torch.float32], engines[torch.bfloat16]
     assert not torch.equal(float32.global_params, float32.global_params.bfloat16().float())  # (a test with teeth)
     assert torch.equal(float32.global_params, bfloat16.global_params)
+
+
+def test_master_weights_are_what_the_round_reads_and_writes():
+    """A bfloat16 model whose optimizer steps float32 masters (DeepSpeed's mixed precision, ZeRO): the outer step
+    lands in the masters exactly (not rounded to bfloat16), the model gets them rounded after every write, and Δ
+    is the masters' move. Split into parts (``sharded``, ZeRO's partitions), the layout covers the parts only."""
+    m = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    masters = [p.detach().float().clone() for p in m.parameters()]
+    refreshed = []
+
+    def refresh():
+        refreshed.append(True)
+        with torch.no_grad():
+            for p, master in zip(m.parameters(), masters):
+                p.copy_(master)
+
+    engine = RoundEngine(m, sync_every=2, outer_optimizer="nesterov", outer_lr=0.7, outer_momentum=0.9,
+                         masters=MasterWeights(masters, refresh, torch.device("cpu")))
+    assert engine.flat.numel == 20 and all(t.dtype == torch.float32 for t in engine.flat.params)
+    for _ in range(2):  # stand-in for inner steps: the optimizer moves the masters, then refreshes the model
+        for master in masters:
+            master.add_(1e-3)  # below bfloat16's resolution at these weights
+        refresh()
+    refreshed.clear()
+    assert engine.step() is False and engine.step() is True
+    assert refreshed  # the outer step was written through the masters
+    x = engine.global_params
+    assert torch.equal(torch.cat([t.reshape(-1) for t in masters]), x)
+    assert not torch.equal(x, x.bfloat16().float())  # (the masters are not rounded...)
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in m.parameters()]), x.bfloat16())  # (...the model is)
+    # the layout of parts of the masters, as ZeRO partitions them inside an island
+    halves = [t.view(-1)[:2] for t in masters]
+    part = RoundEngine(m, sync_every=1, masters=MasterWeights(halves, refresh, torch.device("cpu"), sharded=True))
+    assert part.flat.numel == 4 and part.shard.owned is part.flat
 
 
 def test_empty_parameters_are_left_out():

@@ -63,7 +63,7 @@ def test_unattached_callback_refuses_multi_process_runs(monkeypatch):
     callback.on_init_end(SimpleNamespace(world_size=1), state, None)
 
 
-@pytest.mark.parametrize("distributed_type", ["DEEPSPEED", "FSDP"])
+@pytest.mark.parametrize("distributed_type", ["XLA", "FSDP"])
 def test_sharded_setups_stop_at_start(distributed_type):
     callback = LocalSGDCallback(LocalSGDArguments())
     callback.trainer = SimpleNamespace(accelerator=SimpleNamespace(distributed_type=f"DistributedType.{distributed_type}"))

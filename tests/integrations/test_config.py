@@ -13,7 +13,7 @@ from hf_localsgd import LocalSGDArguments, LocalSGDConfig
 @pytest.mark.parametrize(
     "field,value",
     [("sync_every", 0), ("outer_optimizer", "adam"), ("local_sgd_warmup_steps", 100),
-     ("deepspeed", "ds_config.json"), ("fsdp", "full_shard")],
+     ("deepspeed", {"zero_optimization": {"stage": 3}}), ("fsdp", "full_shard")],
 )
 def test_invalid_options_name_the_field(field, value, tmp_path):
     with pytest.raises(ValueError, match=rf"^{field}: "):

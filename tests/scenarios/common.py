@@ -125,6 +125,47 @@ def count_collectives_by_group() -> dict[str, int]:
     return counts
 
 
+PROCESS_GROUP_METHODS = (
+    "allreduce", "allreduce_coalesced", "allgather", "allgather_coalesced", "allgather_into_tensor_coalesced",
+    "_allgather_base", "_reduce_scatter_base", "all_gather_single", "reduce_scatter_single",
+    "all_gather_single_coalesced", "reduce_scatter_single_coalesced", "reduce_scatter",
+    "reduce_scatter_tensor_coalesced", "all_to_all_single", "alltoall", "alltoall_base", "broadcast", "reduce",
+    "gather", "scatter", "barrier", "send", "recv",
+)
+
+
+def count_process_group_calls() -> dict[str, int]:
+    """Counts every collective that reaches a process group from Python, whoever issues it (torch.distributed,
+    deepspeed.comm, Accelerate), by the group's methods and ranks: keys like "allreduce@0,2", "allreduce@world"
+    or "allreduce@1" (a group of rank 1 alone, which communicates nothing). DeepSpeed calls torch.distributed's
+    functions through references of its own (and `distributed_c10d` directly), which `count_collectives_by_group`
+    would miss; every one of them ends in a method of the group, patched here on the class (once per process: take
+differences of the counts)."""
+    group_class = torch._C._distributed_c10d.ProcessGroup
+    if hasattr(group_class, "_hf_localsgd_counts"):  # (patched once per process; the counts keep growing)
+        return group_class._hf_localsgd_counts
+    counts: dict[str, int] = {}
+    group_class._hf_localsgd_counts = counts
+    world = dist.get_world_size()
+    for name in PROCESS_GROUP_METHODS:
+        original = getattr(group_class, name, None)
+        if original is None:
+            continue
+
+        def wrapper(self, *args, _original=original, _name=name, **kwargs):
+            try:
+                ranks = dist.get_process_group_ranks(self)
+            except (KeyError, ValueError, RuntimeError):
+                ranks = list(range(self.size())) if self.size() == world else [f"?{self.size()}"]
+            where = "world" if len(ranks) == world else ",".join(map(str, ranks))
+            key = f"{_name}@{where}"
+            counts[key] = counts.get(key, 0) + 1
+            return _original(self, *args, **kwargs)
+
+        setattr(group_class, name, wrapper)
+    return counts
+
+
 class LinearRegression(torch.nn.Module):
     """A small model for reference tests: y = w·x + b with a squared loss."""
 
