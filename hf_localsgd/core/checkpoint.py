@@ -64,7 +64,7 @@ def check_resumable(state: dict, engine: RoundEngine) -> dict[str, dict]:
             f"{engine.topology.island_size}: each rank resumes its part of its island's state, so resume with "
             f"island_size={saved_islands} and as many processes"
         )
-    for name, default in (("outer_overlap", "none"), ("num_fragments", 1)):
+    for name, default in (("outer_overlap", "none"), ("num_fragments", 1), ("fragment_sync_delay", 1)):
         saved, ours = state.get(name, default), getattr(engine.options, name)
         if saved != ours:  # what is in flight, and the outer state's layout, differ
             raise ValueError(f"{name}: the checkpoint was written with {name}={saved!r}, this run has {ours!r}: "

@@ -24,14 +24,47 @@ from .metrics import ring_bytes
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def add_residual(buf: torch.Tensor, residual: torch.Tensor) -> None:
+    """Error feedback: ``buf += residual``, unless the residual is not finite (left by a replica whose weights
+    went NaN, a sync that was then skipped): it is dropped, or it would make every later sum non-finite too."""
+    if bool(torch.isfinite(residual.sum())):
+        buf.add_(residual)
+    else:
+        residual.zero_()
+
+
 class SyncTimeoutError(RuntimeError):
     """The other replicas did not complete an outer sync in time (``sync_timeout_seconds``)."""
 
 
 def exit_nonzero_at_exit() -> None:
     """Make this process exit with status 1 when it ends: a collective left waiting keeps gloo's threads from
-    ever letting it exit otherwise (its ranks would hang after the error instead of stopping)."""
-    atexit.register(os._exit, 1)
+    ever letting it exit otherwise (its ranks would hang after the error instead of stopping). The output is
+    flushed first."""
+
+    def stop() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    atexit.register(stop)
+
+
+def new_group_everywhere(ranks: list[int] | None) -> dist.ProcessGroup:
+    """A new process group of ``ranks`` (all of them when None). `dist.new_group` must be entered by every rank
+    of the default group for every group, in one order: when ranks differ between callers (the ranks at one
+    position of their islands, or groups of your own), they first tell each other theirs and all create all."""
+    world = dist.get_world_size()
+    if ranks is None or len(ranks) == world:
+        return dist.new_group()
+    every = [None] * world
+    dist.all_gather_object(every, sorted(ranks))
+    mine = None
+    for members in sorted({tuple(r) for r in every}):
+        created = dist.new_group(list(members))
+        if list(members) == sorted(ranks):
+            mine = created
+    return mine
 
 
 class Pending:
@@ -93,7 +126,7 @@ class AllReduce:
         if exact and residual is not None:
             raise ValueError("residual: error feedback is for the bfloat16 sum; an exact sum rounds nothing")
         if residual is not None:
-            buf.add_(residual)
+            add_residual(buf, residual)
         if self.world_size == 1:
             if residual is not None:
                 residual.zero_()

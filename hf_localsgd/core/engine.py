@@ -135,6 +135,9 @@ class RoundEngine(GlobalModelAccess):
         self.warmup_steps = options.local_sgd_warmup_steps
         self.track_metrics = track_metrics
 
+        if schedule is not None and options.num_fragments > 1:
+            raise ValueError("num_fragments: streaming fragments sync at fixed steps of a constant H (sync_every); "
+                             "a schedule= of your own is not combined with them")
         self._schedule = schedule or build_sync_schedule(options, total_steps, optimizer, self.peak_lr, lr_warmup_steps)
         self.outer = build_sync(options, self.shard, self.reducer, total_rounds(options, self._schedule, total_steps),
                                 self.topology, model, default_sync_timeout)
@@ -346,6 +349,7 @@ class RoundEngine(GlobalModelAccess):
             **self.topology.state(),
             "outer_overlap": self.options.outer_overlap,
             "num_fragments": self.options.num_fragments,
+            "fragment_sync_delay": self.options.fragment_sync_delay,
             "num_steps": self._num_steps,
             "inner_step": self._inner_step,
             "num_syncs": self._num_syncs,

@@ -95,6 +95,7 @@ class EagerSync(DelayedSync):
         self.eager_optimizer, self.eager_scheduler = self._outer_optimizer(self.eager_params, total_rounds)
         self.own_previous = torch.zeros_like(self.global_params)  # Δ_k^(r-1)
         self._own = torch.empty_like(self.global_params)
+        self._consensus_lr = self.lr
 
     def start_point(self, start: int, end: int) -> torch.Tensor:
         return self.global_params[start:end] + self.eager_params[start:end]
@@ -111,6 +112,7 @@ class EagerSync(DelayedSync):
         own = self._own
         sent = self.send(tail, measure, copy_to=own)  # Δ_k^(r), kept: the collective sums the sent buffer
         inflight, waited = self._receive_in_flight()
+        self._consensus_lr = self.lr  # the lr this round's consensus step takes (for the flush, below)
         if inflight is None:  # the first round: nothing has arrived; the consensus takes a zero step
             zero = torch.zeros(self.flat.numel, device=self.state_device)
             outcome = self.apply(InFlight(zero, self.flat.numel, received=True), False, has_tail=False)
@@ -137,8 +139,14 @@ class EagerSync(DelayedSync):
 
     @torch.no_grad()
     def flush(self) -> Outcome:
-        """Apply the last sum to the consensus, which every replica then holds (their eager parts end)."""
+        """Apply the last sum to the consensus, which every replica then holds (their eager parts end), with the
+        outer lr of the last round's consensus step: the schedule, one step ahead since the first round's zero
+        step, is at its end by now (0 for cosine)."""
+        group = self.optimizer.param_groups[0]
+        scheduled, group["lr"] = group["lr"], self._consensus_lr
         outcome = self._apply_in_flight()
+        if not outcome.applied:
+            group["lr"] = scheduled
         self._reset_eager()
         self.write_model()
         return outcome
@@ -146,7 +154,7 @@ class EagerSync(DelayedSync):
     def state_dict(self) -> dict:
         return {**super().state_dict(), "eager_params": self.eager_params, "own_previous": self.own_previous,
                 "eager_optimizer": self.eager_optimizer.state_dict(),
-                "eager_scheduler": self.eager_scheduler.state_dict()}
+                "eager_scheduler": self.eager_scheduler.state_dict(), "consensus_lr": self._consensus_lr}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -154,3 +162,4 @@ class EagerSync(DelayedSync):
         self.own_previous.copy_(state["own_previous"])
         self.eager_optimizer.load_state_dict(state["eager_optimizer"])
         self.eager_scheduler.load_state_dict(state["eager_scheduler"])
+        self._consensus_lr = state["consensus_lr"]

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures import Future, ThreadPoolExecutor
+import queue
+import threading
+from concurrent.futures import Future
 
 import torch
 import torch.distributed as dist
 
-from .collectives import Pending, all_gather_
+from .collectives import Pending, add_residual, all_gather_, new_group_everywhere
 from .metrics import ring_bytes
 from .options import INT8_BLOCK_SIZE as BLOCK_SIZE
 
@@ -71,6 +73,29 @@ def int8_bytes_sent(numel: int, world_size: int, block: int = BLOCK_SIZE) -> flo
     return 2 * (world_size - 1) / world_size * (padded + 4 * padded // block)
 
 
+class _Worker:
+    """One daemon thread that runs the calls submitted to it, in order. (A `ThreadPoolExecutor`'s thread is
+    joined when the interpreter exits: a collective stuck in it would keep a timed-out rank from exiting.)"""
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._calls.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as error:  # handed to whoever waits for the sum
+                    future.set_exception(error)
+
+
 class _Done:
     """The `work` of a `Pending` whose sum runs on the reducer's thread: waits for it, re-raising its error."""
 
@@ -110,26 +135,9 @@ class Int8AllReduce:
         distributed = dist.is_initialized()
         self.world_size = dist.get_world_size(group) if distributed else 1
         self.rank = dist.get_rank(group) if distributed else 0
-        self._own_group = self._new_group(group) if distributed else None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="int8-allreduce") if self.world_size > 1 else None
-
-    @staticmethod
-    def _new_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-        """A new group of ``group``'s ranks. `dist.new_group` must be entered by every rank of the default group
-        for every group, in one order: when ``group`` is a part of the world (the ranks at one position of
-        their islands), the ranks first tell each other their groups and all create all of them."""
-        world = dist.get_world_size()
         ranks = None if group is None else dist.get_process_group_ranks(group)
-        if ranks is None or len(ranks) == world:
-            return dist.new_group()
-        every = [None] * world
-        dist.all_gather_object(every, sorted(ranks))
-        mine = None
-        for members in sorted({tuple(r) for r in every}):
-            created = dist.new_group(list(members))
-            if list(members) == sorted(ranks):
-                mine = created
-        return mine
+        self._own_group = new_group_everywhere(ranks) if distributed else None
+        self._thread = _Worker("int8-allreduce") if self.world_size > 1 else None
 
     # ------------------------------------------------------------------ the sum
     def sum_(self, buf: torch.Tensor, exact: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,7 +172,7 @@ class Int8AllReduce:
                 return self._pipeline(buf, out, residual)
         k, block, group = self.world_size, self.block, self._own_group
         if residual is not None:
-            buf.add_(residual.view(-1))
+            add_residual(buf, residual.view(-1))
         n, chunk = buf.numel(), chunk_numel(buf.numel(), k, block)
         padded = buf if n == k * chunk else torch.nn.functional.pad(buf, (0, k * chunk - n))
         q, scales = quantize_blockwise(padded, block)

@@ -87,10 +87,13 @@ class StreamingSync:
                 self._round.bytes_sent += inflight.bytes_sent
                 self.in_flight[p] = (inflight, measure)
             if inner_step == (p + 1) * window:
-                self._apply(p, mix=True)
+                self._apply(p, mix=True, measure=measure)
 
-    def _apply(self, p: int, mix: bool) -> None:
+    def _apply(self, p: int, mix: bool, measure: bool = False) -> None:
         fragment = self.fragments[p]
+        if p not in self.in_flight:  # (not sent yet: a partial round; or its send step was skipped by a resume)
+            self.in_flight[p] = (fragment.send(None, measure), measure)
+            self._round.bytes_sent += self.in_flight[p][0].bytes_sent
         inflight, measured = self.in_flight.pop(p)
         started = time.perf_counter()
         fragment.receive(inflight)
@@ -106,14 +109,9 @@ class StreamingSync:
     @torch.no_grad()
     def __call__(self, tail: torch.Tensor | None = None, measure: bool = False) -> Outcome:
         """The round ends: fragments it has not synchronized yet (a partial round) synchronize now, blocking."""
-        for p, fragment in enumerate(self.fragments):
-            if p in self.done:
-                continue
-            if p not in self.in_flight:
-                inflight = fragment.send(None, measure)
-                self._round.bytes_sent += inflight.bytes_sent
-                self.in_flight[p] = (inflight, measure)
-            self._apply(p, mix=False)
+        for p in range(len(self.fragments)):
+            if p not in self.done:
+                self._apply(p, mix=False, measure=measure)
         outcome, self._round, self.done = self._round, Outcome(), set()
         return outcome
 
@@ -148,7 +146,8 @@ class StreamingSync:
 
     @property
     def eval_differs(self) -> bool:
-        return self.alpha > 0 or any(f.eval_differs for f in self.fragments)
+        # Always: between a fragment's outer step and the round's end, that fragment trains on (whatever α).
+        return True
 
     def broadcast(self) -> None:
         for f in self.fragments:

@@ -13,8 +13,8 @@ one outer step (docs/methods.md, "The round", steps 3-5):
     x_k <- x_{r+1}           write: on every replica
 
 The overlapped variants (`hf_localsgd.core.overlap`, `hf_localsgd.core.streaming`) run the same phases at other
-times. With the state on the host (``state_device="cpu"``) the outer gradient crosses the device bucket by
-bucket.
+times. With the state on the host (``state_device="cpu"``) the blocking sync's outer gradient crosses the device
+bucket by bucket; a sum left in flight keeps its buffers (a model's size of float32) on the device for its round.
 """
 
 from __future__ import annotations
@@ -157,7 +157,9 @@ class OuterSync:
         """One outer step. ``tail`` (float32 on the model's device) is summed over the replicas with the outer
         gradient, in the same collective; with ``measure``, the outcome's norms (not read here, so the host does
         not wait for the device mid-sync)."""
-        inflight = self.send(tail, measure)
+        # With the state on the host, each bucket's sum is landed before the next is sent: one bucket at a time on
+        # the device, the point of keeping the state there.
+        inflight = self.send(tail, measure, one_at_a_time=self.state_device != self.flat.device)
         outcome = self.apply(self.receive(inflight), measure, has_tail=tail is not None)
         outcome.bytes_sent = inflight.bytes_sent
         self.write_model()
@@ -169,9 +171,10 @@ class OuterSync:
     # ------------------------------------------------------------------ the phases
     @torch.no_grad()
     def send(self, tail: torch.Tensor | None = None, measure: bool = False,
-             copy_to: torch.Tensor | None = None) -> InFlight:
+             copy_to: torch.Tensor | None = None, one_at_a_time: bool = False) -> InFlight:
         """Start summing K·Δ = Σ_k (start point - x_k), and the tail: [Σ_k ‖Δ_k‖² when measuring, then
-        ``tail``]; ``copy_to`` keeps this replica's own Δ_k. The tail rides in the last bucket's collective when the wire is float32; under bfloat16 it is
+        ``tail``]; ``copy_to`` keeps this replica's own Δ_k; ``one_at_a_time`` waits for each bucket's sum
+        before the next is written (a blocking sync with its state on the host). The tail rides in the last bucket's collective when the wire is float32; under bfloat16 it is
         summed on its own in float32, one more (small) collective: its floats are statistics whose differences
         (σ², drift) would drown in bfloat16's 8 bits of mantissa."""
         flat, numel = self.flat, self.flat.numel
@@ -208,6 +211,8 @@ class OuterSync:
             residual = None if self.residual is None else self.residual[start:end]
             inflight.sums.append((start, stop, buf, self.reducer.start(buf, residual=residual)))
             inflight.bytes_sent += self.reducer.bytes_sent(b.numel, stop - end)
+            if one_at_a_time:
+                self._land(inflight, inflight.sums.pop())
         if tail_numel and not fused:
             buf = torch.empty(tail_numel, device=flat.device)
             self._fill_tail(buf, sq_norm, tail)
@@ -218,12 +223,16 @@ class OuterSync:
     def receive(self, inflight: InFlight) -> InFlight:
         """Wait for the sums (at most ``sync_timeout_seconds``) and put them in ``inflight.delta``."""
         if not inflight.received:
-            for start, stop, buf, pending in inflight.sums:
-                summed = pending.wait(self.timeout)
-                if summed.data_ptr() != inflight.delta[start:stop].data_ptr():
-                    inflight.delta[start:stop].copy_(summed)
+            for entry in inflight.sums:
+                self._land(inflight, entry)
             inflight.sums, inflight.received = [], True
         return inflight
+
+    def _land(self, inflight: InFlight, entry: tuple[int, int, torch.Tensor, Pending]) -> None:
+        start, stop, _, pending = entry
+        summed = pending.wait(self.timeout)
+        if summed.data_ptr() != inflight.delta[start:stop].data_ptr():
+            inflight.delta[start:stop].copy_(summed)
 
     @torch.no_grad()
     def apply(self, inflight: InFlight, measure: bool, has_tail: bool) -> Outcome:

@@ -21,6 +21,8 @@ import logging
 import torch
 import torch.distributed as dist
 
+from .collectives import new_group_everywhere
+
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +91,7 @@ class Topology:
         run. Every rank of the default group must call it, at the same point."""
         if not dist.is_initialized():
             return None
-        world = dist.get_world_size()
-        if self.island_size == 1:
-            ranks = dist.get_process_group_ranks(self.across) if self.across is not None else list(range(world))
-            return dist.new_group(ranks)
-        groups = [dist.new_group(list(range(member, world, self.island_size))) for member in range(self.island_size)]
-        return groups[self.member]
+        return new_group_everywhere(None if self.across is None else dist.get_process_group_ranks(self.across))
 
     @torch.no_grad()
     def sum_within(self, t: torch.Tensor) -> torch.Tensor:

@@ -126,6 +126,10 @@ class LocalSGDTrainerMixin:
         if self.args.should_save:
             rotate_checkpoints(self._get_output_dir(trial=trial), limit, self.state.best_model_checkpoint,
                                self.args.world_size)
+        if self.local_sgd.training:
+            # Trainer's own save (model, optimizer, state, rotation) runs on rank 0 alone: the other ranks would
+            # reach the next outer sync that much earlier, and wait there against sync_timeout_seconds.
+            self.accelerator.wait_for_everyone()
 
     def evaluate(self, *posargs, **kwargs):
         # During training, the global model is evaluated (schedule-free: x), also when a callback after

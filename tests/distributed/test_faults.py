@@ -131,11 +131,15 @@ SYNC_FAULTS = str(SCENARIOS / "sync_faults.py")
 
 @pytest.fixture(scope="module")
 def sync_fault_runs(tmp_path_factory):
-    return run_scenarios(tmp_path_factory.mktemp("sync_faults"), ["sync_faults:nan", "sync_faults:nan,delayed"])
+    return run_scenarios(tmp_path_factory.mktemp("sync_faults"), ["sync_faults:nan", "sync_faults:nan,delayed",
+                                                                  "sync_faults:nan,none,int8",
+                                                                  "sync_faults:nan,none,bfloat16"])
 
 
 @pytest.mark.parametrize("spec, skipped", [("sync_faults:nan", [0, 1, 1, 1, 1]),
-                                           ("sync_faults:nan,delayed", [0, 0, 1, 1, 1])])
+                                           ("sync_faults:nan,delayed", [0, 0, 1, 1, 1]),
+                                           ("sync_faults:nan,none,int8", [0, 1, 1, 1, 1]),
+                                           ("sync_faults:nan,none,bfloat16", [0, 1, 1, 1, 1])])
 def test_a_nan_replica_never_reaches_the_global_model(sync_fault_runs, spec, skipped):
     """Rank 1 turns NaN in round 2: that round's sum is skipped (blocking: at its end; delayed: a round later),
     the global model stays the previous sync's and finite on both ranks, every replica restarts from it, and
@@ -158,10 +162,13 @@ def test_nan_in_every_round_stops_every_rank_with_the_error(tmp_path):
         assert "FloatingPointError: max_skipped_syncs: the summed outer gradient was not finite at 2 syncs" in out
 
 
-def test_a_hung_worker_stops_the_others_at_the_sync_timeout(tmp_path):
+@pytest.mark.parametrize("comm", ["float32", "int8"])
+def test_a_hung_worker_stops_the_others_at_the_sync_timeout(tmp_path, comm):
     """Rank 1 stops (SIGSTOP) in round 2; rank 0 waits sync_timeout_seconds (3 s) at the sync of round 2, then
-    exits non-zero naming it (the launcher, here the helper, then ends the stopped rank)."""
-    codes, outputs, timed_out = wait_ranks(*start_ranks([SYNC_FAULTS, str(tmp_path), "hang"]), timeout=120)
+    exits non-zero naming it (the launcher, here the helper, then ends the stopped rank). int8: the pipeline's
+    thread stays stuck in the collective, and must not keep the process from exiting."""
+    codes, outputs, timed_out = wait_ranks(*start_ranks([SYNC_FAULTS, str(tmp_path), "hang", "none", comm]),
+                                           timeout=120)
     seconds = time.time() - float((tmp_path / "stopped").read_text())
     assert not timed_out and codes[0] == 1, (codes, outputs[0][-3000:])
     assert "SyncTimeoutError: sync_timeout_seconds: the outer sync of round 2 (step 8) timed out" in outputs[0]

@@ -43,6 +43,8 @@ def test_a_sum_starts_where_the_variant_says_and_nothing_else_communicates(runs,
 def test_evaluation_mid_round_sees_the_global_model_and_training_ends_with_it(runs, variant):
     r0, r1 = runs[SPECS[variant]]
     assert r0["evaluated"] == r1["evaluated"] and r0["evaluated_is_global"] and r1["evaluated_is_global"]
+    # at a round's end too (streaming: the fragments synced earlier in the round have trained on since)
+    assert r0["boundary_is_global"] and r1["boundary_is_global"]
     # (and training went on unchanged: the weights after step 6 matched the reference above)
     assert r0["final_model"] == r1["final_model"] and r0["final_is_global"]
 

@@ -162,6 +162,9 @@ def train(model, engine, first: int, last: int, log: dict | None = None) -> None
             with engine.global_model():
                 log["evaluated"] = digest(flat(model))
                 log["evaluated_is_global"] = bool(torch.equal(flat(model), engine.outer.gather_eval().double()))
+        if step == 8:  # a round's end, where Trainer evaluates and saves with H among its steps
+            with engine.global_model():
+                log["boundary_is_global"] = bool(torch.equal(flat(model), engine.outer.gather_eval().double()))
 
 
 def run(out_dir: str, variant: str = "delayed", alpha: str = "0", mode: str = "train") -> dict:
@@ -195,6 +198,7 @@ def run(out_dir: str, variant: str = "delayed", alpha: str = "0", mode: str = "t
     return {
         "weight_errors": weight_errors, "global_errors": global_errors, "collectives": log["collectives"],
         "wait": log["wait"], "evaluated": log["evaluated"], "evaluated_is_global": log["evaluated_is_global"],
+        "boundary_is_global": log["boundary_is_global"],
         "final_model": digest(flat(model)), "final_is_global": bool(torch.equal(flat(model), final.double())),
         "bytes_sent": engine.last_metrics["bytes_sent"], "model_numel": engine.flat.numel,
     }

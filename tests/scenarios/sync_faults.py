@@ -3,10 +3,12 @@
 - ``nan``: rank 1's weights turn NaN in the middle of round 2: the sync skips the outer step (the global model
   stays the previous sync's, finite on both ranks), every replica restarts from the global model, training goes
   on; ``nan,delayed`` the same with the delayed variant, whose sum of round 2 is skipped at the end of round 3;
+  ``nan,none,int8`` (and ``bfloat16``) with error feedback, whose NaN residual is dropped, not carried on;
 - ``nan_every_round``: rank 1 turns NaN in every round: after ``max_skipped_syncs`` (2) skipped syncs in a row
   both ranks stop with the error (the test expects a non-zero exit);
 - ``hang``: rank 1 stops itself (SIGSTOP) mid-round; rank 0 waits ``sync_timeout_seconds`` (3 s) at the sync
-  and stops with an error naming it (the test expects rank 0's non-zero exit, and kills rank 1).
+  and stops with an error naming it (the test expects rank 0's non-zero exit, and kills rank 1);
+  ``hang,none,int8`` the same while the int8 pipeline's thread is stuck in the collective.
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ def flat(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def run(out_dir: str, mode: str = "nan", overlap: str = "none") -> dict:
+def run(out_dir: str, mode: str = "nan", overlap: str = "none", comm: str = "float32") -> dict:
     rank = dist.get_rank()
     model = LinearRegression()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     engine = RoundEngine(model, sync_every=H, outer_optimizer="nesterov", outer_overlap=overlap, track_metrics=True,
+                         outer_comm_dtype=comm, outer_error_feedback=comm != "float32",
                          max_skipped_syncs=2 if mode == "nan_every_round" else 3,
                          sync_timeout_seconds=3.0 if mode == "hang" else None)
     features, labels = batch(rank)
