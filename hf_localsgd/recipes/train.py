@@ -49,7 +49,7 @@ class ModelArguments:
     model_config: str = field(
         default="demo",
         metadata={"help": "Named architecture from hf_localsgd.recipes.models (fresh initialization, nothing downloaded); "
-                          "its vocabulary is resized to the tokenizer's.",
+                          "its vocabulary is resized to the tokenizer's (or to vocab_size).",
                   "choices": sorted(MODEL_CONFIGS)},
     )
     tokenizer_name: str = field(
@@ -57,6 +57,17 @@ class ModelArguments:
         metadata={"help": f"Hub id or local directory of the tokenizer, or '{BUILTIN_NAME}' for the byte-level "
                           "BPE trained on the built-in corpus."},
     )
+    vocab_size: int | None = field(
+        default=None,
+        metadata={"help": "Embedding rows of the model: unset takes the tokenizer's length; a larger number pads "
+                          "the embedding with rows no token uses, e.g. 50257 gives gpt-neo-8m its full size and "
+                          "sync volume with the small built-in tokenizer (bench/launch_wan.sh). Not below the "
+                          "tokenizer's length."},
+    )
+
+    def __post_init__(self):
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size: must be >= 1, got {self.vocab_size}")
 
 
 @dataclass
@@ -149,11 +160,14 @@ def resume_argument(value: str | None) -> str | bool | None:
 
 
 def build_recipe_model(model_args: ModelArguments, tokenizer, seed: int):
-    """The recipe's model, freshly initialized with the tokenizer's vocabulary and special tokens. Every
-    process draws the same initial weights: local-SGD replicas must start from one global model."""
+    """The recipe's model, freshly initialized with the tokenizer's vocabulary (or ``vocab_size`` rows, the extra
+    ones unused) and special tokens. Every process draws the same initial weights: local-SGD replicas must start
+    from one global model."""
+    if model_args.vocab_size is not None and model_args.vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size: {model_args.vocab_size} is below the tokenizer's {len(tokenizer)} tokens")
     config = build_model_config(
         model_args.model_config,
-        vocab_size=len(tokenizer),
+        vocab_size=model_args.vocab_size or len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

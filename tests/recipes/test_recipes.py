@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hf_localsgd.recipes.models import build_model_config
-from hf_localsgd.recipes.train import parse_args, resume_argument
+from hf_localsgd.recipes.train import build_recipe_model, parse_args, resume_argument
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +63,29 @@ def test_command_line_overrides_recipe(tmp_path):
     recipe = write(tmp_path, "max_steps: 100\nsync_every: 16\nlearning_rate: 1.0e-3\noutput_dir: out\n")
     *_, args = parse_args([recipe, "--max_steps", "6", "--sync_every=3"])
     assert (args.max_steps, args.sync_every, args.learning_rate) == (6, 3, 1e-3)
+
+
+def test_vocab_size_pads_the_embedding_beyond_the_tokenizer(tmp_path):
+    """`vocab_size` gives the model more embedding rows than the tokenizer has tokens (GPT-Neo 8M's 50,257 with
+    the built-in tokenizer, as bench/launch_wan.sh runs it); unset keeps the tokenizer's length; fewer is refused."""
+
+    class Tokenizer:
+        bos_token_id = eos_token_id = 0
+        pad_token_id = None
+
+        def __len__(self):
+            return 643
+
+    recipe = write(tmp_path, "output_dir: out\nmodel_config: gpt-neo-8m\n")
+    model_args = parse_args([recipe, "--vocab_size", "50257"])[0]
+    model = build_recipe_model(model_args, Tokenizer(), seed=0)
+    assert model.config.vocab_size == 50257 and model.get_input_embeddings().weight.shape == (50257, 128)
+    assert sum(p.numel() for p in model.parameters()) == 8_054_656  # bench/README.md's figure
+    assert build_recipe_model(parse_args([recipe])[0], Tokenizer(), seed=0).config.vocab_size == 643
+    with pytest.raises(ValueError, match="^vocab_size"):
+        build_recipe_model(parse_args([recipe, "--vocab_size", "100"])[0], Tokenizer(), seed=0)
+    with pytest.raises(SystemExit):
+        parse_args([recipe, "--vocab_size", "0"])
 
 
 def test_recipe_values_of_every_shape(tmp_path):
