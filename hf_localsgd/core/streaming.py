@@ -14,7 +14,8 @@ H/P steps; in window p:
 so every fragment synchronizes once per round and the last one at the round's end. With α = 0 the replicas'
 fragment is the new global one; with α > 0 each keeps α of the τ steps it moved on since sending. A partial
 round (the end of training) synchronizes the fragments it has not reached, blocking; the model then holds the
-global model.
+global model. A fragment whose sum is not finite is skipped, and every replica restarts from the whole global
+model; each fragment counts its own skips in a row against ``max_skipped_syncs``.
 """
 
 from __future__ import annotations
@@ -99,10 +100,16 @@ class StreamingSync:
         fragment.receive(inflight)
         waited = time.perf_counter() - started
         outcome = fragment.apply(inflight, measured, has_tail=False)
-        if outcome.applied and mix:
+        if outcome.skipped:
+            # Every replica restarts from the whole global model, as after a skipped blocking sync: a diverged
+            # replica is not finite in this fragment only, and its other fragments would spread it back through
+            # the gradients of the next steps. (At most one fragment's sum is in flight: τ < H/P.)
+            for f in self.fragments:
+                f.write_model()
+        elif outcome.applied and mix:
             fragment.shard.pull_toward(fragment.global_params, 1.0 - self.alpha)  # α local + (1 - α) global
         else:
-            fragment.write_model()  # (skipped: the replicas' fragment resets to its global part)
+            fragment.write_model()
         self.done.add(p)
         self._round.merge(outcome, waited)
 
@@ -143,6 +150,11 @@ class StreamingSync:
     @property
     def skipped(self) -> int:
         return sum(f.skipped for f in self.fragments)
+
+    @property
+    def skipped_in_a_row(self) -> int:
+        # Each fragment counts its own: max_skipped_syncs stops training when one fragment reaches it.
+        return max(f.skipped_in_a_row for f in self.fragments)
 
     @property
     def eval_differs(self) -> bool:

@@ -133,7 +133,9 @@ SYNC_FAULTS = str(SCENARIOS / "sync_faults.py")
 def sync_fault_runs(tmp_path_factory):
     return run_scenarios(tmp_path_factory.mktemp("sync_faults"), ["sync_faults:nan", "sync_faults:nan,delayed",
                                                                   "sync_faults:nan,none,int8",
-                                                                  "sync_faults:nan,none,bfloat16"])
+                                                                  "sync_faults:nan,none,bfloat16",
+                                                                  "sync_faults:nan,eager",
+                                                                  "sync_faults:nan,none,float32,2"])
 
 
 @pytest.mark.parametrize("spec, skipped", [("sync_faults:nan", [0, 1, 1, 1, 1]),
@@ -151,6 +153,36 @@ def test_a_nan_replica_never_reaches_the_global_model(sync_fault_runs, spec, ski
         assert all(r["replicas_equal_global"])
         assert r["global_after_sync"][skipped_at] == r["global_after_sync"][skipped_at - 1]  # untouched
         assert r["global_after_sync"][skipped_at + 1] != r["global_after_sync"][skipped_at]  # and on it goes
+    assert r0["global_after_sync"] == r1["global_after_sync"]
+
+
+def test_a_nan_replica_under_eager_drops_its_eager_part_and_its_sum_is_skipped_a_round_later(sync_fault_runs):
+    """Eager: rank 1's own outer gradient of round 2 is NaN, so at the end of round 2 it drops its eager part
+    (it holds the consensus, rank 0 its consensus + eager part); the sum of round 2 is skipped at the end of
+    round 3, where every replica restarts from the consensus, which stays the previous one and finite."""
+    r0, r1 = sync_fault_runs["sync_faults:nan,eager"]
+    for r in (r0, r1):
+        assert r["skipped"] == [0, 0, 1, 1, 1] and all(r["finite"]) and all(r["model_finite"]) and r["final_finite"]
+        assert r["global_after_sync"][2] == r["global_after_sync"][1]
+        assert r["global_after_sync"][3] != r["global_after_sync"][2]
+        assert r["replicas_equal_global"][2]  # the skip: everyone restarts from the consensus
+    assert r1["replicas_equal_global"][1] and not r0["replicas_equal_global"][1]  # only rank 1 dropped its part
+    assert r0["global_after_sync"] == r1["global_after_sync"]
+
+
+def test_a_nan_replica_under_streaming_skips_its_fragment_and_restarts_from_the_whole_global_model(sync_fault_runs):
+    """Streaming (P = 2, τ = 1, α = 0.5): rank 1 turns NaN after fragment 0 of round 2 was sent, so fragment 0
+    applies (rank 1 keeps α of its NaN part) and fragment 1's sum is skipped at the round's end, where every
+    replica restarts from the whole global model: no fragment carries the NaN on (it would come back through
+    the gradients), and the syncs after it all apply."""
+    r0, r1 = sync_fault_runs["sync_faults:nan,none,float32,2"]
+    for r in (r0, r1):
+        assert r["skipped"] == [0, 1, 1, 1, 1] and all(r["finite"]) and all(r["model_finite"]) and r["final_finite"]
+        before, after = r["global_after_sync"][0], r["global_after_sync"][1]
+        same = [a == b for a, b in zip(before, after)]
+        assert any(same) and not all(same)  # fragment 0 stepped, fragment 1 stayed
+        assert r["replicas_equal_global"][1]
+        assert all(x != y for x, y in zip(r["global_after_sync"][2], r["global_after_sync"][1]))
     assert r0["global_after_sync"] == r1["global_after_sync"]
 
 
