@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,14 +195,21 @@ def test_nan_in_every_round_stops_every_rank_with_the_error(tmp_path):
         assert "FloatingPointError: max_skipped_syncs: the summed outer gradient was not finite at 2 syncs" in out
 
 
-@pytest.mark.parametrize("comm", ["float32", "int8"])
-def test_a_hung_worker_stops_the_others_at_the_sync_timeout(tmp_path, comm):
-    """Rank 1 stops (SIGSTOP) in round 2; rank 0 waits sync_timeout_seconds (3 s) at the sync of round 2, then
-    exits non-zero naming it (the launcher, here the helper, then ends the stopped rank). int8: the pipeline's
-    thread stays stuck in the collective, and must not keep the process from exiting."""
-    codes, outputs, timed_out = wait_ranks(*start_ranks([SYNC_FAULTS, str(tmp_path), "hang", "none", comm]),
-                                           timeout=120)
+@pytest.mark.parametrize("overlap, comm, fragments, at", [("none", "float32", "1", r"round 2 \(step 8\)"),
+                                                         ("none", "int8", "1", r"round 2 \(step 8\)"),
+                                                         ("eager", "float32", "1", r"round (2 \(step 8|3 \(step 12)\)"),
+                                                         ("none", "float32", "2", r"round 2 \(step (6|8)\)")])
+def test_a_hung_worker_stops_the_others_at_the_sync_timeout(tmp_path, overlap, comm, fragments, at):
+    """Rank 1 stops (SIGSTOP) at step 6, in round 2; rank 0 waits sync_timeout_seconds (3 s) for the sum it
+    needs, then exits non-zero naming the sync (the launcher, here the helper, then ends the stopped rank).
+    Blocking: at the end of round 2. int8: the pipeline's thread stays stuck in the collective, and must not keep
+    the process from exiting. Eager: at the end of round 2 for round 1's sum, if rank 1 stopped (two tiny steps
+    later) before it completed, else at the end of round 3 for round 2's. Streaming (P = 2, τ = 1): at step 6
+    for fragment 0's sum, sent at step 5, or at step 8 for fragment 1's."""
+    codes, outputs, timed_out = wait_ranks(*start_ranks([SYNC_FAULTS, str(tmp_path), "hang", overlap, comm,
+                                                         fragments]), timeout=120)
     seconds = time.time() - float((tmp_path / "stopped").read_text())
     assert not timed_out and codes[0] == 1, (codes, outputs[0][-3000:])
-    assert "SyncTimeoutError: sync_timeout_seconds: the outer sync of round 2 (step 8) timed out" in outputs[0]
+    assert re.search(f"SyncTimeoutError: sync_timeout_seconds: the outer sync of {at} timed out", outputs[0]), \
+        outputs[0][-3000:]
     assert seconds < 3 + 30, seconds  # the timeout, not gloo's 30-minute default; and no hang on the way out

@@ -12,7 +12,8 @@
   both ranks stop with the error (the test expects a non-zero exit);
 - ``hang``: rank 1 stops itself (SIGSTOP) mid-round; rank 0 waits ``sync_timeout_seconds`` (3 s) at the sync
   and stops with an error naming it (the test expects rank 0's non-zero exit, and kills rank 1);
-  ``hang,none,int8`` the same while the int8 pipeline's thread is stuck in the collective.
+  ``hang,none,int8`` the same while the int8 pipeline's thread is stuck in the collective; ``hang,eager`` and
+  ``hang,none,float32,2`` (streaming) with the sum rank 0 waits for in flight.
 """
 
 from __future__ import annotations
