@@ -58,10 +58,11 @@ def build_reducer(options: LocalSGDOptions, topology: Topology) -> AllReduce | I
     """The collective of the outer gradients. (Int8AllReduce and a sum left in flight take a process group of
     their own, which every rank creates here: on the group other collectives use, such as Trainer's metric
     gathers, those would queue behind the sum in flight.)"""
-    group = topology.private_across() if overlapped(options) else topology.across
+    private = overlapped(options)
+    group = topology.private_across() if private else topology.across
     if options.outer_comm_dtype == "int8":
-        return Int8AllReduce(group)
-    return AllReduce(group, options.outer_comm_dtype)
+        return Int8AllReduce(group, owns_group=private)
+    return AllReduce(group, options.outer_comm_dtype, owns_group=private)
 
 
 def build_sync(options: LocalSGDOptions, shard: Replica | IslandShard, reducer: AllReduce | Int8AllReduce,

@@ -67,6 +67,19 @@ def new_group_everywhere(ranks: list[int] | None) -> dist.ProcessGroup:
     return mine
 
 
+def check_open(reducer) -> None:
+    if reducer.closed:
+        raise RuntimeError("outer sync: this engine was closed (RoundEngine.close, which LocalSGDTrainer calls at the "
+                           "end of train()) and has no process group to sum in any more; build a new RoundEngine")
+
+
+def destroy_groups(groups: list) -> None:
+    """Destroy those of ``groups`` this rank is a member of (a group of ranks it is not in is a placeholder)."""
+    for group in groups:
+        if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER and dist.is_initialized():
+            dist.destroy_process_group(group)
+
+
 class Pending:
     """A sum in flight: ``wait()`` returns it, once every rank's part has arrived."""
 
@@ -98,11 +111,13 @@ class AllReduce:
     training state that a checkpoint must keep. With a float32 wire nothing is rounded: the residual is added
     and comes back zero."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None, comm_dtype: str = "float32"):
+    def __init__(self, group: dist.ProcessGroup | None = None, comm_dtype: str = "float32", owns_group: bool = False):
         if comm_dtype not in WIRE_DTYPES:
             raise ValueError(f"outer_comm_dtype: AllReduce sums in {sorted(WIRE_DTYPES)}, not {comm_dtype!r} (int8 "
                              "is hf_localsgd.core.quantize.Int8AllReduce's; build_reducer picks it)")
         self.group = group
+        self._owned = [group] if owns_group and group is not None else []  # destroyed by close()
+        self.closed = False
         self.dtype = WIRE_DTYPES[comm_dtype]
         distributed = dist.is_initialized()
         self.world_size = dist.get_world_size(group) if distributed else 1
@@ -123,6 +138,7 @@ class AllReduce:
     def start(self, buf: torch.Tensor, exact: bool = False, residual: torch.Tensor | None = None) -> Pending:
         """`sum_` without waiting: the collective runs in the background (``async_op``) until ``wait()``. Nothing
         else may use ``buf`` until then."""
+        check_open(self)
         if exact and residual is not None:
             raise ValueError("residual: error feedback is for the bfloat16 sum; an exact sum rounds nothing")
         if residual is not None:
@@ -139,6 +155,14 @@ class AllReduce:
             residual.copy_(wire).neg_().add_(buf)
         # bfloat16 has float32's range: the sum of K outer gradients overflows no sooner than their mean.
         return Pending(wire, dist.all_reduce(wire, group=self.group, async_op=True))
+
+    def close(self) -> None:
+        """Destroy the process groups this reducer owns (sockets and buffers a process keeps until it ends
+        otherwise); every rank of them calls it, with nothing in flight. The reducer sums no more."""
+        destroy_groups(self._owned)
+        if self._owned:  # (a destroyed group's sockets close when its last reference goes)
+            self.group = None
+        self._owned, self.closed = [], True
 
     def bytes_sent(self, numel: int, exact_numel: int = 0) -> float:
         """Bytes this rank sends to sum ``numel`` elements in the wire dtype and ``exact_numel`` in float32

@@ -324,6 +324,12 @@ class RoundEngine(GlobalModelAccess):
         self.outer.write_eval()
         return synced
 
+    def close(self) -> None:
+        """Release the process groups and the thread this engine made for its sums (``outer_overlap``,
+        ``num_fragments``, int8), which a process keeps to its end otherwise: after `finish`, on every rank. The
+        global model stays readable; the engine syncs no more."""
+        self.reducer.close()
+
     def flush(self) -> bool:
         """Apply the outer-gradient sums still in flight (``outer_overlap``; nothing for a blocking sync): the
         global model then holds every round so far, and the replicas start from it. Returns whether a sum was

@@ -25,7 +25,7 @@ from concurrent.futures import Future
 import torch
 import torch.distributed as dist
 
-from .collectives import Pending, add_residual, all_gather_, new_group_everywhere
+from .collectives import Pending, add_residual, all_gather_, check_open, destroy_groups, new_group_everywhere
 from .metrics import ring_bytes
 from .options import INT8_BLOCK_SIZE as BLOCK_SIZE
 
@@ -81,14 +81,18 @@ class _Worker:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
+    def stop(self) -> None:
+        """The thread ends after the calls submitted before."""
+        self._calls.put(None)
+
     def submit(self, fn, *args) -> Future:
         future: Future = Future()
         self._calls.put((future, fn, args))
         return future
 
     def _run(self) -> None:
-        while True:
-            future, fn, args = self._calls.get()
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn(*args))
@@ -128,16 +132,27 @@ class Int8AllReduce:
 
     exact = False  # nothing shares the int8 collective: floats that must stay exact go in their own
 
-    def __init__(self, group: dist.ProcessGroup | None = None, block_size: int = BLOCK_SIZE):
+    def __init__(self, group: dist.ProcessGroup | None = None, block_size: int = BLOCK_SIZE, owns_group: bool = False):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size: must be an integer >= 1, got {block_size!r}")
-        self.group, self.block = group, block_size
+        self.group, self.block, self.closed = group, block_size, False
         distributed = dist.is_initialized()
         self.world_size = dist.get_world_size(group) if distributed else 1
         self.rank = dist.get_rank(group) if distributed else 0
         ranks = None if group is None else dist.get_process_group_ranks(group)
         self._own_group = new_group_everywhere(ranks) if distributed else None
         self._thread = _Worker("int8-allreduce") if self.world_size > 1 else None
+        self._owned = [self._own_group] + ([group] if owns_group and group is not None else [])
+
+    def close(self) -> None:
+        """End the pipeline's thread and destroy the process groups this reducer owns; every rank of them calls
+        it, with nothing in flight. The reducer sums no more."""
+        if self._thread is not None:
+            self._thread.stop()
+        destroy_groups(self._owned)
+        if self.group in self._owned:  # (a destroyed group's sockets close when its last reference goes)
+            self.group = None
+        self._thread, self._own_group, self._owned, self.closed = None, None, [], True
 
     # ------------------------------------------------------------------ the sum
     def sum_(self, buf: torch.Tensor, exact: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,6 +163,7 @@ class Int8AllReduce:
     def start(self, buf: torch.Tensor, exact: bool = False, residual: torch.Tensor | None = None) -> Pending:
         """`sum_` without waiting: the int8 pipeline runs on the reducer's thread until ``wait()``. Nothing else
         may use ``buf`` or ``residual`` until then (``buf`` is changed: it receives the residual)."""
+        check_open(self)
         if exact and residual is not None:
             raise ValueError("residual: error feedback is for the quantized sum; an exact sum rounds nothing")
         if residual is not None and (residual.shape != buf.shape or residual.dtype != torch.float32):

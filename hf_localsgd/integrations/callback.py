@@ -298,6 +298,7 @@ class LocalSGDCallback(TrainerCallback):
         # What is saved, evaluated and pushed after training is the global model (schedule-free: x).
         if self._gradient_sync is not None:
             self._gradient_sync.set(True)
+        self.engine.close()  # (a second train() builds a new engine)
         if state.is_world_process_zero:
             print(console.summary(self.engine, state.log_history, time.perf_counter() - self._train_started))
 

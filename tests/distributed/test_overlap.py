@@ -1,6 +1,6 @@
 """Two real processes: delayed and eager outer steps and streaming fragments against float64 references of both
 replicas (tests/scenarios/overlap.py), their collectives, an evaluation mid-round, and exact resume with a sum in
-flight."""
+flight; engines that release their process groups and threads (tests/scenarios/release.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ STEPS, H = 14, 4
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    specs = list(SPECS.values()) + ["overlap:delayed,0,resume", "overlap:eager,0,resume",
-                                    "overlap:streaming,0.5,resume"]
+    specs = ["release:eager_int8", "release:streaming", "release:leak"] + list(SPECS.values()) + [
+        "overlap:delayed,0,resume", "overlap:eager,0,resume", "overlap:streaming,0.5,resume"]
     return run_scenarios(tmp_path_factory.mktemp("overlap"), specs)
 
 
@@ -59,3 +59,16 @@ def test_streaming_sends_a_fragment_at_a_time(runs):
     """The bytes of one round are those of the whole model, sent in fragments: each sync moves about 1/P."""
     r = runs["overlap:streaming,0"][0]
     assert r["bytes_sent"] == (r["model_numel"] + 2) * 4  # a ring over 2 ranks sends its payload once; 2 norms
+
+
+@pytest.mark.parametrize("variant", ["eager_int8", "streaming"])
+def test_close_releases_the_process_groups_and_threads_of_the_sums(runs, variant):
+    """Three engines one after the other, each closed after finish(): the process is left with the open files
+    and threads it had before the first (without close() each engine leaves a group's sockets, int8 a thread);
+    a closed engine refuses to sync, naming close()."""
+    for r in runs["release:leak"]:  # what is counted does see what an engine leaves
+        (files, threads), grown = r["before"], r["after"]
+        assert files < grown[0][0] < grown[1][0] < grown[2][0] and threads < grown[2][1], r
+    for r in runs[f"release:{variant}"]:
+        assert r["after"] == [r["before"]] * 3, r
+        assert "RoundEngine.close" in r["error"]

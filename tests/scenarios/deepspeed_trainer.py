@@ -184,7 +184,8 @@ def train(out_dir: str, name: str | None, reference=None, resume_from=None, **ov
                      accelerator_config={"use_configured_state": True})
     if plugin:  # what `accelerate launch` with deepspeed_config_file in its config exports to the processes
         os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "ds_config.json")
+        path = os.path.join(out_dir, f"ds_config_rank{dist.get_rank()}.json")  # (one rank truncating it while
+        # another reads it fails the reader; `accelerate launch` writes it once, before starting the processes)
         with open(path, "w", encoding="utf-8") as f:
             json.dump(extra.pop("deepspeed"), f)
         os.environ.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=path)

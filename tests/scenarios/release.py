@@ -1,0 +1,61 @@
+"""Engines built one after the other in the same 2 processes (a search over settings; train() called again)
+release what they made for their sums: after `RoundEngine.close()` the process has the open files and threads
+it had before the first engine. ``eager_int8``: the private group of the sums in flight, the int8 reducer's own
+group and its thread; ``streaming``: the private group (P = 2). An engine closed refuses to sync, naming
+close(). ``leak`` is ``eager_int8`` without close() (what the test's own check must see grow).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+
+import torch
+from common import LinearRegression, main
+
+from hf_localsgd import RoundEngine
+
+
+VARIANTS = {"eager_int8": dict(outer_overlap="eager", outer_comm_dtype="int8"),
+            "streaming": dict(num_fragments=2, fragment_sync_delay=1),
+            "leak": dict(outer_overlap="eager", outer_comm_dtype="int8")}
+
+
+def resources() -> list[int]:
+    gc.collect()
+    return [len(os.listdir("/proc/self/fd")), threading.active_count()]
+
+
+def run(out_dir: str, variant: str) -> dict:
+    before, after, engine = resources(), [], None
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        model = LinearRegression()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        engine = RoundEngine(model, sync_every=4, outer_optimizer="nesterov", **VARIANTS[variant])
+        def train_step():
+            optimizer.zero_grad()
+            model(x, x.sum(1))["loss"].backward()
+            optimizer.step()
+
+        for _ in range(10):
+            train_step()
+            engine.step()
+        engine.finish()
+        if variant != "leak":
+            engine.close()
+        after.append(resources())
+    error = None
+    if variant != "leak":
+        try:
+            train_step()
+            engine.step()  # streaming sends its first fragment here
+            engine.sync()
+        except RuntimeError as e:
+            error = str(e)
+    return {"before": before, "after": after, "error": error}
+
+
+if __name__ == "__main__":
+    main(run)
