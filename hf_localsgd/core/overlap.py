@@ -18,7 +18,7 @@ Training ends (``flush``) by waiting for the last sum and applying it to the glo
 then holds. A checkpoint taken with a sum in flight waits for it and keeps it, to apply at the same step after a
 resume. A non-finite sum is skipped as in the blocking sync, a round after the replica diverged (every replica
 restarts from the global model at each round's end; an eager replica whose own outer gradient is not finite
-drops its eager part).
+drops its eager part, the ranks of its island together).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class EagerSync(DelayedSync):
             outcome = self.apply(inflight, self._measured, has_tail=False)
         outcome.wait_seconds, outcome.bytes_sent = waited, sent.bytes_sent
         correction = own - self.own_previous  # (Δ_k^(r) - Δ_k^(r-1)); / K folded into the step
-        if outcome.skipped or not bool(torch.isfinite(correction.sum())):
+        if outcome.skipped or not self._finite(correction):
             # The replicas restart from the consensus, their eager parts from nothing: what the next round's
             # consensus step brings (this round's sum) was never applied eagerly.
             self._reset_eager()
@@ -131,6 +131,14 @@ class EagerSync(DelayedSync):
         self.in_flight, self._measured = sent, measure
         self.write_model()
         return outcome
+
+    def _finite(self, correction: torch.Tensor) -> bool:
+        """Whether this replica's correction is finite, decided alike by the ranks of a DDP island, which hold
+        its spans: a replica drops its whole eager part, not one rank's span of it."""
+        check = correction.sum().reshape(1)
+        if self.topology is not None:
+            check = self.topology.sum_within(check.to(self.flat.device))
+        return bool(torch.isfinite(check).all())
 
     def _reset_eager(self) -> None:
         self.eager_params.zero_()

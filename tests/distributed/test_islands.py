@@ -14,8 +14,23 @@ KINDS = ["ddp", "fsdp2"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     specs = [f"islands:{kind}" for kind in KINDS] + [f"islands:{kind},resume" for kind in KINDS] + \
-        [f"islands:{kind},combo" for kind in KINDS]
+        [f"islands:{kind},combo" for kind in KINDS] + ["islands_nan"]
     return run_scenarios(tmp_path_factory.mktemp("islands"), specs, num_processes=4)
+
+
+def test_an_eager_replica_in_an_island_drops_its_whole_eager_part_when_one_span_is_not_finite(runs):
+    """Island 1's replica turns NaN in the span of its second rank only (tests/scenarios/islands_nan.py): at the
+    end of that round both of its ranks drop the eager part (their weights are the consensus), island 0 keeps
+    its own; the round's sum is skipped a round later, when every replica restarts from the consensus."""
+    r0, r1, r2, r3 = runs["islands_nan"]
+    for r in (r0, r1, r2, r3):
+        assert r["skipped"] == [0, 0, 1, 1] and all(r["finite"])
+        assert r["equals_consensus"][2] and r["eager_part_zero"][2]  # the skip
+        assert not r["equals_consensus"][0] and not r["equals_consensus"][3]  # eager parts in the other rounds
+    for r in (r0, r1):
+        assert not r["equals_consensus"][1] and not r["eager_part_zero"][1]
+    for r in (r2, r3):
+        assert r["equals_consensus"][1] and r["eager_part_zero"][1]
 
 
 @pytest.mark.parametrize("kind", KINDS)
