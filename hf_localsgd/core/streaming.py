@@ -187,8 +187,11 @@ class StreamingSync:
     def state_dict(self) -> dict:
         in_flight = {p: (f.receive(i).delta, m) for p, (i, m) in self.in_flight.items()
                      for f in [self.fragments[p]]}  # waited for: applied at the same step after a resume
+        r = self._round  # what the round in progress did so far: its metrics at the round's end
         return {"fragments": [f.state_dict() for f in self.fragments], "fragments_in_flight": in_flight,
-                "fragments_done": sorted(self.done), "round_bytes_sent": self._round.bytes_sent}
+                "fragments_done": sorted(self.done), "round_bytes_sent": r.bytes_sent,
+                "round_outcome": {"applied": r.applied, "skipped": r.skipped, "norms": r.norms,
+                                  "wait_seconds": r.wait_seconds}}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state.get("fragments", ())) != len(self.fragments):
@@ -199,4 +202,4 @@ class StreamingSync:
         self.in_flight = {p: (InFlight(d.to(self.fragments[p].state_device), self.fragments[p].flat.numel,
                                        received=True), m) for p, (d, m) in state["fragments_in_flight"].items()}
         self.done = set(state["fragments_done"])
-        self._round = Outcome(bytes_sent=state["round_bytes_sent"])
+        self._round = Outcome(bytes_sent=state["round_bytes_sent"], **state.get("round_outcome", {}))

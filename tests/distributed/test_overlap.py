@@ -53,6 +53,7 @@ def test_evaluation_mid_round_sees_the_global_model_and_training_ends_with_it(ru
 def test_resume_with_a_sum_in_flight_is_exact(runs, spec):
     for r in runs[spec]:
         assert r["in_flight_when_saved"] and r["resumed"] == r["full"]
+        assert r["resumed_metrics"] == r["full_metrics"]  # the round the resume lands in too (timings aside)
 
 
 def test_streaming_sends_a_fragment_at_a_time(runs):

@@ -146,11 +146,16 @@ def build(variant: str, alpha: float, seed: int = 0):
     return model, engine
 
 
-def train(model, engine, first: int, last: int, log: dict | None = None) -> None:
+TIMINGS = ("sync_seconds", "sync_wait_seconds")
+
+
+def train(model, engine, first: int, last: int, log: dict | None = None, metrics: list | None = None) -> None:
     x, y = data(dist.get_rank())
     for step in range(first + 1, last + 1):
         inner_step(model, x, y)
         synced = engine.step()
+        if synced and metrics is not None:  # each sync's metrics but the timings
+            metrics.append({k: v for k, v in engine.last_metrics.items() if k not in TIMINGS})
         if log is None:
             continue
         log["weights"].append(flat(model))
@@ -172,20 +177,22 @@ def run(out_dir: str, variant: str = "delayed", alpha: str = "0", mode: str = "t
     rank = dist.get_rank()
     if mode == "resume":
         model, engine = build(variant, alpha)
-        train(model, engine, 0, STEPS)
+        full_metrics, resumed_metrics = [], []
+        train(model, engine, 0, STEPS, metrics=full_metrics)
         engine.finish()
         full = digest(flat(model))
         model, engine = build(variant, alpha)
         save_at = 7 if variant == "streaming" else 6  # streaming: fragment 1 sent at step 7, applied at 8
-        train(model, engine, 0, save_at)
+        train(model, engine, 0, save_at, metrics=resumed_metrics)
         in_flight = bool(engine.outer.in_flight)
         save_rank_state(f"{out_dir}/checkpoint", engine)
         dist.barrier()
         model, engine = build(variant, alpha, seed=1)
         resume_rank_state([f"{out_dir}/checkpoint"], engine)
-        train(model, engine, save_at, STEPS)
+        train(model, engine, save_at, STEPS, metrics=resumed_metrics)
         engine.finish()
-        return {"full": full, "resumed": digest(flat(model)), "in_flight_when_saved": in_flight}
+        return {"full": full, "resumed": digest(flat(model)), "in_flight_when_saved": in_flight,
+                "full_metrics": full_metrics, "resumed_metrics": resumed_metrics}
 
     model, engine = build(variant, alpha)
     log = {"weights": [], "globals": [], "collectives": [], "wait": [], "counts": count_collectives()}
