@@ -69,8 +69,9 @@ def new_group_everywhere(ranks: list[int] | None) -> dist.ProcessGroup:
 
 def check_open(reducer) -> None:
     if reducer.closed:
-        raise RuntimeError("outer sync: this engine was closed (RoundEngine.close, which LocalSGDTrainer calls at the "
-                           "end of train()) and has no process group to sum in any more; build a new RoundEngine")
+        raise RuntimeError("outer sync: this engine was closed (RoundEngine.close, which LocalSGDCallback and so "
+                           "LocalSGDTrainer call at the end of train()) and has no process group to sum in any more; "
+                           "build a new RoundEngine")
 
 
 def destroy_groups(groups: list) -> None:
@@ -171,6 +172,7 @@ class AllReduce:
 
     def broadcast_(self, tensor: torch.Tensor) -> None:
         """Overwrite ``tensor`` with the group's first rank's, in place."""
+        check_open(self)
         if self.world_size > 1:
             src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
             dist.broadcast(tensor, src=src, group=self.group)

@@ -42,21 +42,34 @@ class GradientSync:
         self.ddp = ddp
         keep_buffers_local(ddp)
         self.island = topology.within if topology is not None and topology.island_size > 1 else None
-        self.group: dist.ProcessGroup | None = None  # of the hook; None: all ranks
-        if self.island is not None:
-            ddp.register_comm_hook(self, _all_reduce_over_group)
+        self._hook = _hook_of(ddp) if self.island is not None else None
 
     def set(self, all_ranks: bool) -> None:
         """``True``: all-reduce over all ranks (the warm-up); ``False``: over the island, or not at all."""
         if self.island is None:
             self.ddp.require_backward_grad_sync = all_ranks
         else:
-            self.group = None if all_ranks else self.island
+            self._hook.group = None if all_ranks else self.island
 
 
-def _all_reduce_over_group(sync: GradientSync, bucket):
+class _HookState:
+    group: dist.ProcessGroup | None = None  # None: all ranks
+
+
+def _hook_of(ddp: DistributedDataParallel) -> _HookState:
+    """The state of ``ddp``'s comm hook, registered on its first use: DDP takes one hook for its life, and a
+    second train() call trains the same wrapper with a new engine (and new islands' groups)."""
+    state = getattr(ddp, "_local_sgd_hook", None)
+    if state is None:
+        state = _HookState()
+        ddp.register_comm_hook(state, _all_reduce_over_group)
+        ddp._local_sgd_hook = state
+    return state
+
+
+def _all_reduce_over_group(state: _HookState, bucket):
     """DDP's own all-reduce (the mean over the group), over the group the switch set."""
-    return default_hooks.allreduce_hook(sync.group, bucket)
+    return default_hooks.allreduce_hook(state.group, bucket)
 
 
 class FSDPGradientSync:

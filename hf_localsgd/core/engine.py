@@ -80,7 +80,7 @@ class RoundEngine(GlobalModelAccess):
         lr_scheduler.step(); optimizer.zero_grad()
         engine.step()                            # counts the step; the outer sync when the round is complete
 
-    Also: ``sync()`` (outer step now), ``finish()``; ``syncs_gradients`` (whether the next step all-reduces its
+    Also: ``sync()`` (outer step now), ``finish()``, ``close()``; ``syncs_gradients`` (whether the next step all-reduces its
     gradients over all ranks: the warm-up; `hf_localsgd.core.data_parallel` switches it), ``in_warmup``,
     ``should_stop``; the global model (``global_model()``, ``swap_in_global()`` / ``restore_local()``,
     ``keep_current_weights()``, ``model_is_global``, ``global_model_params()``, ``global_params``,
@@ -239,7 +239,10 @@ class RoundEngine(GlobalModelAccess):
         if self._num_steps <= self.warmup_steps:
             self.bytes_sent += self._step_bytes  # DDP's gradient all-reduce
             if self._num_steps == self.warmup_steps:
-                self.outer.reset_from_model()  # local rounds start from the warmed-up model
+                # Local rounds start from the warmed-up model, the first replica's: data-parallel steps keep the
+                # replicas equal only if their inner optimizers are (a second train() call keeps each replica's).
+                self.outer.reset_from_model()
+                self.outer.broadcast()
                 self._start_round()
             return False
         self._inner_step += 1
@@ -326,8 +329,10 @@ class RoundEngine(GlobalModelAccess):
 
     def close(self) -> None:
         """Release the process groups and the thread this engine made for its sums (``outer_overlap``,
-        ``num_fragments``, int8), which a process keeps to its end otherwise: after `finish`, on every rank. The
-        global model stays readable; the engine syncs no more."""
+        ``num_fragments``, int8), which a process keeps to its end otherwise: on every rank, after `finish` (a sum
+        still in flight, when training stopped without it, is waited for and dropped). The global model stays
+        readable; the engine syncs no more."""
+        self._in_sync(self.outer.drop_in_flight)
         self.reducer.close()
 
     def flush(self) -> bool:

@@ -62,6 +62,9 @@ class DelayedSync(OuterSync):
         outcome.wait_seconds = waited
         return outcome
 
+    def drop_in_flight(self) -> None:
+        self._receive_in_flight()
+
     @torch.no_grad()
     def flush(self) -> Outcome:
         """Apply the last sum in flight; the replicas take the global model."""

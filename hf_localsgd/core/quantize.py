@@ -79,11 +79,13 @@ class _Worker:
 
     def __init__(self, name: str):
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name=name, daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        """The thread ends after the calls submitted before."""
+        """End the thread once the calls submitted before have run, and wait for it."""
         self._calls.put(None)
+        self._thread.join()
 
     def submit(self, fn, *args) -> Future:
         future: Future = Future()
@@ -145,8 +147,8 @@ class Int8AllReduce:
         self._owned = [self._own_group] + ([group] if owns_group and group is not None else [])
 
     def close(self) -> None:
-        """End the pipeline's thread and destroy the process groups this reducer owns; every rank of them calls
-        it, with nothing in flight. The reducer sums no more."""
+        """End the pipeline's thread (after the sums submitted to it) and destroy the process groups this reducer
+        owns; every rank of them calls it. The reducer sums no more."""
         if self._thread is not None:
             self._thread.stop()
         destroy_groups(self._owned)
@@ -222,6 +224,7 @@ class Int8AllReduce:
 
     def broadcast_(self, tensor: torch.Tensor) -> None:
         """Overwrite ``tensor`` with the group's first rank's, in place (in its own dtype)."""
+        check_open(self)
         if self.world_size > 1:
             src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
             dist.broadcast(tensor, src=src, group=self.group)

@@ -122,6 +122,11 @@ class StreamingSync:
         outcome, self._round, self.done = self._round, Outcome(), set()
         return outcome
 
+    def drop_in_flight(self) -> None:
+        for p, (inflight, _) in list(self.in_flight.items()):
+            self.fragments[p].receive(inflight)
+            del self.in_flight[p]
+
     def flush(self) -> Outcome | None:
         for p in list(self.in_flight):
             self._apply(p, mix=False)
@@ -202,4 +207,7 @@ class StreamingSync:
         self.in_flight = {p: (InFlight(d.to(self.fragments[p].state_device), self.fragments[p].flat.numel,
                                        received=True), m) for p, (d, m) in state["fragments_in_flight"].items()}
         self.done = set(state["fragments_done"])
-        self._round = Outcome(bytes_sent=state["round_bytes_sent"], **state.get("round_outcome", {}))
+        outcome = dict(state.get("round_outcome", {}))
+        if outcome.get("norms") is not None:  # (loaded on the CPU; summed with the next fragments' on the device)
+            outcome["norms"] = outcome["norms"].to(self.fragments[0].flat.device)
+        self._round = Outcome(bytes_sent=state["round_bytes_sent"], **outcome)

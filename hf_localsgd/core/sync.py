@@ -114,8 +114,11 @@ class OuterSync:
             span.copy_(buf)
         self.write_model()
 
+    def drop_in_flight(self) -> None:
+        """Wait for the sums still in flight and drop them (a blocking sync has none)."""
+
     def reset_from_model(self) -> None:
-        """The model's weights become the global model (after the warm-up: DDP kept them identical)."""
+        """The model's weights become this replica's global model (`broadcast` then makes it everyone's)."""
         self.flat.copy_from_model(self.global_params)
 
     def start_point(self, start: int, end: int) -> torch.Tensor:

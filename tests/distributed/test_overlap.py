@@ -16,7 +16,7 @@ STEPS, H = 14, 4
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    specs = ["release:eager_int8", "release:streaming", "release:leak"] + list(SPECS.values()) + [
+    specs = ["release:eager_int8", "release:streaming", "release:in_flight", "release:leak"] + list(SPECS.values()) + [
         "overlap:delayed,0,resume", "overlap:eager,0,resume", "overlap:streaming,0.5,resume"]
     return run_scenarios(tmp_path_factory.mktemp("overlap"), specs)
 
@@ -62,14 +62,15 @@ def test_streaming_sends_a_fragment_at_a_time(runs):
     assert r["bytes_sent"] == (r["model_numel"] + 2) * 4  # a ring over 2 ranks sends its payload once; 2 norms
 
 
-@pytest.mark.parametrize("variant", ["eager_int8", "streaming"])
+@pytest.mark.parametrize("variant", ["eager_int8", "streaming", "in_flight"])
 def test_close_releases_the_process_groups_and_threads_of_the_sums(runs, variant):
-    """Three engines one after the other, each closed after finish(): the process is left with the open files
-    and threads it had before the first (without close() each engine leaves a group's sockets, int8 a thread);
-    a closed engine refuses to sync, naming close()."""
+    """Three engines one after the other, each closed after finish() (``in_flight``: with a sum in flight, which
+    close() waits for and drops): the process is left with the open files and threads it had before the first
+    (without close() each engine leaves a group's sockets, int8 a thread); a closed engine refuses to sync,
+    naming close()."""
     for r in runs["release:leak"]:  # what is counted does see what an engine leaves
         (files, threads), grown = r["before"], r["after"]
         assert files < grown[0][0] < grown[1][0] < grown[2][0] and threads < grown[2][1], r
     for r in runs[f"release:{variant}"]:
         assert r["after"] == [r["before"]] * 3, r
-        assert "RoundEngine.close" in r["error"]
+        assert "RoundEngine.close" in r["error"] and r["dropped"] == [True] * 3

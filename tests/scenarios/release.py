@@ -1,8 +1,10 @@
 """Engines built one after the other in the same 2 processes (a search over settings; train() called again)
 release what they made for their sums: after `RoundEngine.close()` the process has the open files and threads
 it had before the first engine. ``eager_int8``: the private group of the sums in flight, the int8 reducer's own
-group and its thread; ``streaming``: the private group (P = 2). An engine closed refuses to sync, naming
-close(). ``leak`` is ``eager_int8`` without close() (what the test's own check must see grow).
+group and its thread; ``streaming``: the private group (P = 2); ``in_flight``: ``eager_int8`` closed without
+finish(), a round's sum in flight (as when Trainer stops early and loads its best checkpoint), which close() waits
+for and drops. An engine closed refuses to sync, naming close(). ``leak`` is ``eager_int8`` without close() (what
+the test's own check must see grow).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from hf_localsgd import RoundEngine
 
 VARIANTS = {"eager_int8": dict(outer_overlap="eager", outer_comm_dtype="int8"),
             "streaming": dict(num_fragments=2, fragment_sync_delay=1),
-            "leak": dict(outer_overlap="eager", outer_comm_dtype="int8")}
+            "leak": dict(outer_overlap="eager", outer_comm_dtype="int8"),
+            "in_flight": dict(outer_overlap="eager", outer_comm_dtype="int8")}
 
 
 def resources() -> list[int]:
@@ -28,7 +31,7 @@ def resources() -> list[int]:
 
 
 def run(out_dir: str, variant: str) -> dict:
-    before, after, engine = resources(), [], None
+    before, after, engine, dropped = resources(), [], None, []
     x = torch.randn(16, 4)
     for _ in range(3):
         model = LinearRegression()
@@ -39,12 +42,14 @@ def run(out_dir: str, variant: str) -> dict:
             model(x, x.sum(1))["loss"].backward()
             optimizer.step()
 
-        for _ in range(10):
+        for _ in range(5 if variant == "in_flight" else 10):
             train_step()
             engine.step()
-        engine.finish()
+        if variant != "in_flight":
+            engine.finish()
         if variant != "leak":
             engine.close()
+            dropped.append(not engine.outer.in_flight)  # (None, or streaming's empty dict)
         after.append(resources())
     error = None
     if variant != "leak":
@@ -54,7 +59,7 @@ def run(out_dir: str, variant: str) -> dict:
             engine.sync()
         except RuntimeError as e:
             error = str(e)
-    return {"before": before, "after": after, "error": error}
+    return {"before": before, "after": after, "error": error, "dropped": dropped}
 
 
 if __name__ == "__main__":

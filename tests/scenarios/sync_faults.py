@@ -7,7 +7,7 @@
   ``nan,eager``: rank 1's own outer gradient of round 2 is NaN, so it drops its eager part at once, and the sum
   of round 2 is skipped a round later; ``nan,none,float32,2``: streaming, P = 2, τ = 1, α = 0.5: fragment 0 of
   round 2 was sent before the NaN and applies, rank 1 keeps α of its NaN part; fragment 1's sum of round 2 is
-  skipped, and fragment 0's of round 3;
+  skipped, and every replica restarts from the whole global model;
 - ``nan_every_round``: rank 1 turns NaN in every round: after ``max_skipped_syncs`` (2) skipped syncs in a row
   both ranks stop with the error (the test expects a non-zero exit);
 - ``hang``: rank 1 stops itself (SIGSTOP) mid-round; rank 0 waits ``sync_timeout_seconds`` (3 s) at the sync

@@ -1,6 +1,7 @@
 """LocalSGDTrainer with island_size=2 on 4 processes: DDP inside each island of 2 ranks (through Trainer's own DDP
 wrapper and the engine's comm hook), the round across the 2 islands. Records every rank's weights after every
-step, the collectives per process group, the evaluation of step 4 (mid-round) and the model saved at the end."""
+step, the collectives per process group, the evaluation of step 4 (mid-round) and the model saved at the end;
+then trains again with a second train() call on the same trainer."""
 
 from __future__ import annotations
 
@@ -52,9 +53,14 @@ def run(out_dir: str) -> dict:
     names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     x = engine.global_model_params()
     saved_is_global = all(torch.equal(saved[n], v) for n, v in zip(names, engine.flat.views(x)) if n in saved)
-    return {"hashes": recorder.hashes, "evaluated": recorder.evaluated, "synced": recorder.synced, "collectives": recorder.collectives,
-            "rank": dist.get_rank(), "saved_is_global": saved_is_global,
-            "num_syncs": engine.num_syncs, "workers": engine.world_size}
+    first = {"hashes": recorder.hashes, "evaluated": recorder.evaluated, "synced": recorder.synced,
+             "collectives": recorder.collectives, "rank": dist.get_rank(), "saved_is_global": saved_is_global,
+             "num_syncs": engine.num_syncs, "workers": engine.world_size}
+    # A second train() on the same trainer: the same DDP wrapper (DDP takes one comm hook), a new engine.
+    recorder.hashes, recorder.synced = [], []
+    trainer.train()
+    return {**first, "again_hashes": recorder.hashes, "again_synced": recorder.synced,
+            "again_num_syncs": trainer.local_sgd.engine.num_syncs}
 
 
 if __name__ == "__main__":
