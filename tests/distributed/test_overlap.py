@@ -16,8 +16,9 @@ STEPS, H = 14, 4
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    specs = ["release:eager_int8", "release:streaming", "release:in_flight", "release:leak"] + list(SPECS.values()) + [
-        "overlap:delayed,0,resume", "overlap:eager,0,resume", "overlap:streaming,0.5,resume"]
+    # (trainer_early_stop counts the threads left: before release:leak, which leaves some on purpose)
+    specs = ["trainer_early_stop", "release:eager_int8", "release:streaming", "release:in_flight", "release:leak",
+             *SPECS.values(), "overlap:delayed,0,resume", "overlap:eager,0,resume", "overlap:streaming,0.5,resume"]
     return run_scenarios(tmp_path_factory.mktemp("overlap"), specs)
 
 
@@ -74,3 +75,12 @@ def test_close_releases_the_process_groups_and_threads_of_the_sums(runs, variant
     for r in runs[f"release:{variant}"]:
         assert r["after"] == [r["before"]] * 3, r
         assert "RoundEngine.close" in r["error"] and r["dropped"] == [True] * 3
+
+
+def test_trainer_stopped_early_loads_the_best_model_and_drops_the_sum_in_flight(runs):
+    """load_best_model_at_end after an early stop (tests/scenarios/trainer_early_stop.py): training stops at step
+    6 with round 1's eager int8 sum in flight; Trainer loads the best checkpoint's global model, and the engine's
+    close() waits for the sum and drops it before its groups and the int8 thread go (the processes end cleanly)."""
+    for r in runs["trainer_early_stop"]:
+        assert r["global_step"] == 6 and r["in_flight_at_stop"] and not r["in_flight_after"] and r["closed"]
+        assert "int8-allreduce" not in r["threads"] and r["model_is_best"]
