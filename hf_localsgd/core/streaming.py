@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .flat import FlatParams, local_values
+from .shard import IslandShard
 from .sync import InFlight, Outcome, OuterSync
 
 
@@ -149,8 +150,12 @@ class StreamingSync:
 
     @property
     def global_params(self) -> torch.Tensor:
-        """The fragments' global parts, one after the other (a new tensor)."""
-        return torch.cat([f.global_params for f in self.fragments])
+        """The global model in the model's flat order (a new tensor). Inside DDP islands a rank keeps a span of
+        each fragment, not one span of the model: `RoundEngine.global_model_params()` puts the model together."""
+        if any(isinstance(f.shard, IslandShard) for f in self.fragments):
+            raise ValueError("global_params: inside DDP islands each rank keeps a span of every fragment; "
+                             "RoundEngine.global_model_params() gathers the global model (every rank calls it)")
+        return self._in_model_order([f.global_params for f in self.fragments])
 
     @property
     def skipped(self) -> int:
@@ -179,11 +184,14 @@ class StreamingSync:
             f.write_eval()
 
     def gather_eval(self) -> torch.Tensor:
-        parts = [(f.shard.full, f.gather_eval()) for f in self.fragments]
-        whole = torch.empty(parts[0][0].total_numel, dtype=torch.float32, device=parts[0][1].device)
-        for layout, part in parts:
+        return self._in_model_order([f.gather_eval() for f in self.fragments])
+
+    def _in_model_order(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The fragments' whole parts (each in its layout's order) put back in the model's flat order."""
+        whole = torch.empty(self.fragments[0].shard.full.total_numel, dtype=torch.float32, device=parts[0].device)
+        for f, part in zip(self.fragments, parts):
             position = 0
-            for a, b in layout.spans:
+            for a, b in f.shard.full.spans:
                 whole[a:b].copy_(part[position : position + b - a])
                 position += b - a
         return whole

@@ -1,6 +1,7 @@
 """The overlapped sync units in one process (the 2-process references are in tests/distributed/test_overlap.py):
 eager with one replica is the blocking sync (its own fresh outer gradient is all there is), the last sum is
-applied with a nonzero lr under a decaying schedule, and the streaming combinations that are refused."""
+applied with a nonzero lr under a decaying schedule, the streaming combinations that are refused, and
+streaming's global model in the model's flat order."""
 
 from __future__ import annotations
 
@@ -63,3 +64,24 @@ def test_streaming_evaluates_the_global_model_at_a_rounds_end():
     assert not engine.model_is_global
     with engine.global_model():
         assert torch.equal(flat(m).float(), engine.global_model_params())
+
+
+class Blocks(torch.nn.Module):
+    """Four blocks in a ModuleList: with 2 fragments, fragment 0 holds blocks 0 and 2, fragment 1 blocks 1 and 3."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(3, 3) for _ in range(4))
+
+
+def test_streaming_global_params_are_in_the_models_flat_order():
+    m, g = Blocks(), torch.Generator().manual_seed(3)
+    engine = RoundEngine(m, sync_every=4, outer_optimizer="nesterov", num_fragments=2, fragment_sync_delay=1)
+    for _ in range(4):
+        local_steps(m, 1, g)
+        engine.step()
+    fragments_one_after_the_other = torch.cat([f.global_params for f in engine.outer.fragments])
+    assert not torch.equal(fragments_one_after_the_other, engine.global_params)  # (strided: the order matters)
+    with engine.global_model():
+        assert torch.equal(flat(m).float(), engine.global_params)
