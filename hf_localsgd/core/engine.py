@@ -80,8 +80,8 @@ class RoundEngine(GlobalModelAccess):
         lr_scheduler.step(); optimizer.zero_grad()
         engine.step()                            # counts the step; the outer sync when the round is complete
 
-    Also: ``sync()`` (outer step now), ``finish()``, ``close()``; ``syncs_gradients`` (whether the next step all-reduces its
-    gradients over all ranks: the warm-up; `hf_localsgd.core.data_parallel` switches it), ``in_warmup``,
+    Also: ``sync()`` (outer step now), ``finish()``, ``close()``; ``syncs_gradients`` (whether the next step
+    all-reduces its gradients over all ranks: the warm-up; `hf_localsgd.core.data_parallel` switches it), ``in_warmup``,
     ``should_stop``; the global model (``global_model()``, ``swap_in_global()`` / ``restore_local()``,
     ``keep_current_weights()``, ``model_is_global``, ``global_model_params()``, ``global_params``,
     ``outer_optimizer``, ``outer_lr``, ``local_params()``, ``load_params()``); ``state_dict()`` /

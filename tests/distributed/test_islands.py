@@ -69,8 +69,9 @@ def collectives_made(r):
 def test_nothing_crosses_islands_between_syncs(runs, kind):
     """Counted per process group on every rank. The warm-up averages gradients over all ranks (DDP over the
     world; FSDP2's all-reduce hook across islands, once per FSDP module); its last step also broadcasts the first
-    island's weights across islands, the start of every round. A local step communicates only inside the island. A sync sends one all-reduce across islands; the island then sums two statistics and, with DDP,
-    all-gathers the spans of the global model its ranks keep."""
+    island's weights across islands, the start of every round. A local step communicates only inside the island.
+    A sync sends one all-reduce across islands; the island then sums two statistics and, with DDP, all-gathers
+    the spans of the global model its ranks keep."""
     for r in runs[f"islands:{kind}"]:
         island = "0,1" if r["rank"] < 2 else "2,3"
         across = "0,2" if r["rank"] % 2 == 0 else "1,3"
