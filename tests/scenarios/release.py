@@ -14,6 +14,7 @@ import os
 import threading
 
 import torch
+import torch.distributed as dist
 from common import LinearRegression, main
 
 from hf_localsgd import RoundEngine
@@ -30,20 +31,21 @@ def resources() -> list[int]:
     return [len(os.listdir("/proc/self/fd")), threading.active_count()]
 
 
+def train_step(model, optimizer) -> None:
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(dist.get_rank()))
+    optimizer.zero_grad()
+    model(x, x.sum(1))["loss"].backward()
+    optimizer.step()
+
+
 def run(out_dir: str, variant: str) -> dict:
     before, after, engine, dropped = resources(), [], None, []
-    x = torch.randn(16, 4)
     for _ in range(3):
         model = LinearRegression()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         engine = RoundEngine(model, sync_every=4, outer_optimizer="nesterov", **VARIANTS[variant])
-        def train_step():
-            optimizer.zero_grad()
-            model(x, x.sum(1))["loss"].backward()
-            optimizer.step()
-
         for _ in range(5 if variant == "in_flight" else 10):
-            train_step()
+            train_step(model, optimizer)
             engine.step()
         if variant != "in_flight":
             engine.finish()
@@ -54,7 +56,7 @@ def run(out_dir: str, variant: str) -> dict:
     error = None
     if variant != "leak":
         try:
-            train_step()
+            train_step(model, optimizer)
             engine.step()  # streaming sends its first fragment here
             engine.sync()
         except RuntimeError as e:
