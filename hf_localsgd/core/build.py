@@ -50,15 +50,11 @@ def build_islands(options: LocalSGDOptions, flat: FlatParams, group: dist.Proces
     return topology, build_shard(flat, topology, replicated_within_island=not (sharded or is_sharded(flat.params)))
 
 
-def overlapped(options: LocalSGDOptions) -> bool:
-    return options.outer_overlap != "none" or options.num_fragments > 1
-
-
 def build_reducer(options: LocalSGDOptions, topology: Topology) -> AllReduce | Int8AllReduce:
     """The collective of the outer gradients. (Int8AllReduce and a sum left in flight take a process group of
     their own, which every rank creates here: on the group other collectives use, such as Trainer's metric
     gathers, those would queue behind the sum in flight.)"""
-    private = overlapped(options)
+    private = options.overlapped
     group = topology.private_across() if private else topology.across
     if options.outer_comm_dtype == "int8":
         return Int8AllReduce(group, owns_group=private)

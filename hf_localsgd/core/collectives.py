@@ -67,20 +67,6 @@ def new_group_everywhere(ranks: list[int] | None) -> dist.ProcessGroup:
     return mine
 
 
-def check_open(reducer) -> None:
-    if reducer.closed:
-        raise RuntimeError("outer sync: this engine was closed (RoundEngine.close, which LocalSGDCallback and so "
-                           "LocalSGDTrainer call at the end of train()) and has no process group to sum in any more; "
-                           "build a new RoundEngine")
-
-
-def destroy_groups(groups: list) -> None:
-    """Destroy those of ``groups`` this rank is a member of (a group of ranks it is not in is a placeholder)."""
-    for group in groups:
-        if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER and dist.is_initialized():
-            dist.destroy_process_group(group)
-
-
 class Pending:
     """A sum in flight: ``wait()`` returns it, once every rank's part has arrived."""
 
@@ -103,7 +89,43 @@ class Pending:
         return self.result
 
 
-class AllReduce:
+class GroupReducer:
+    """What the outer gradients' reducers share: ``group`` (the default group when ``None``), its size and this
+    rank's place in it, the broadcast that makes the global model the same everywhere, and the process groups the
+    reducer owns (made for it alone: ``owns_group`` for ``group``), which `close` destroys."""
+
+    def __init__(self, group: dist.ProcessGroup | None, owns_group: bool = False):
+        self.group, self.closed = group, False
+        self._owned = [group] if owns_group and group is not None else []
+        distributed = dist.is_initialized()
+        self.world_size = dist.get_world_size(group) if distributed else 1
+        self.rank = dist.get_rank(group) if distributed else 0
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("outer sync: this engine was closed (RoundEngine.close, which LocalSGDCallback and so "
+                               "LocalSGDTrainer call at the end of train()) and has no process group to sum in any "
+                               "more; build a new RoundEngine")
+
+    def broadcast_(self, tensor: torch.Tensor) -> None:
+        """Overwrite ``tensor`` with the group's first rank's, in place (in its own dtype)."""
+        self._check_open()
+        if self.world_size > 1:
+            src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+            dist.broadcast(tensor, src=src, group=self.group)
+
+    def close(self) -> None:
+        """Destroy the process groups this reducer owns (sockets and buffers a process keeps until it ends
+        otherwise); every rank of them calls it, with nothing in flight. The reducer sums no more."""
+        for group in self._owned:  # (this rank's: a group of ranks it is not in is a placeholder)
+            if group != dist.GroupMember.NON_GROUP_MEMBER and dist.is_initialized():
+                dist.destroy_process_group(group)
+        if self.group in self._owned:  # (a destroyed group's sockets close when its last reference goes)
+            self.group = None
+        self._owned, self.closed = [], True
+
+
+class AllReduce(GroupReducer):
     """Sums float32 buffers over ``group`` (the default group when ``None``), ``comm_dtype`` on the wire.
 
     Error feedback (a ``residual`` given to `sum_` / `start`; float32, as long as the buffer, owned by the caller
@@ -116,13 +138,8 @@ class AllReduce:
         if comm_dtype not in WIRE_DTYPES:
             raise ValueError(f"outer_comm_dtype: AllReduce sums in {sorted(WIRE_DTYPES)}, not {comm_dtype!r} (int8 "
                              "is hf_localsgd.core.quantize.Int8AllReduce's; build_reducer picks it)")
-        self.group = group
-        self._owned = [group] if owns_group and group is not None else []  # destroyed by close()
-        self.closed = False
+        super().__init__(group, owns_group)
         self.dtype = WIRE_DTYPES[comm_dtype]
-        distributed = dist.is_initialized()
-        self.world_size = dist.get_world_size(group) if distributed else 1
-        self.rank = dist.get_rank(group) if distributed else 0
 
     @property
     def exact(self) -> bool:
@@ -139,7 +156,7 @@ class AllReduce:
     def start(self, buf: torch.Tensor, exact: bool = False, residual: torch.Tensor | None = None) -> Pending:
         """`sum_` without waiting: the collective runs in the background (``async_op``) until ``wait()``. Nothing
         else may use ``buf`` until then."""
-        check_open(self)
+        self._check_open()
         if exact and residual is not None:
             raise ValueError("residual: error feedback is for the bfloat16 sum; an exact sum rounds nothing")
         if residual is not None:
@@ -157,25 +174,14 @@ class AllReduce:
         # bfloat16 has float32's range: the sum of K outer gradients overflows no sooner than their mean.
         return Pending(wire, dist.all_reduce(wire, group=self.group, async_op=True))
 
-    def close(self) -> None:
-        """Destroy the process groups this reducer owns (sockets and buffers a process keeps until it ends
-        otherwise); every rank of them calls it, with nothing in flight. The reducer sums no more."""
-        destroy_groups(self._owned)
-        if self._owned:  # (a destroyed group's sockets close when its last reference goes)
-            self.group = None
-        self._owned, self.closed = [], True
+    def wire_bytes(self, numel: int) -> int:
+        """Bytes of a buffer of ``numel`` elements in the wire dtype."""
+        return numel * self.dtype.itemsize
 
     def bytes_sent(self, numel: int, exact_numel: int = 0) -> float:
         """Bytes this rank sends to sum ``numel`` elements in the wire dtype and ``exact_numel`` in float32
         (ring all-reduces)."""
         return ring_bytes(numel * self.dtype.itemsize + exact_numel * 4, self.world_size)
-
-    def broadcast_(self, tensor: torch.Tensor) -> None:
-        """Overwrite ``tensor`` with the group's first rank's, in place."""
-        check_open(self)
-        if self.world_size > 1:
-            src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
-            dist.broadcast(tensor, src=src, group=self.group)
 
 
 def all_gather_(out: torch.Tensor, part: torch.Tensor, group: dist.ProcessGroup | None) -> None:

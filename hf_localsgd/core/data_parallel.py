@@ -72,23 +72,33 @@ def _all_reduce_over_group(state: _HookState, bucket):
     return default_hooks.allreduce_hook(state.group, bucket)
 
 
-class FSDPGradientSync:
-    """Whether FSDP2's gradients, reduce-scattered inside the island, are also averaged across the islands."""
+class AcrossIslands:
+    """The switch of a replica sharded inside its island (FSDP2, DeepSpeed ZeRO), whose own reduction stays inside
+    the island: in the warm-up (``set(True)``) `average` also averages a gradient across the islands, as hybrid
+    sharding would; afterwards it does nothing."""
 
-    def __init__(self, modules, topology: Topology):
+    def __init__(self, topology: Topology):
         self.across, self.islands = topology.across, topology.num_islands
         self.all_ranks = True
-        for module in modules:
-            module.set_all_reduce_hook(self._average_across_islands)
 
     def set(self, all_ranks: bool) -> None:
         self.all_ranks = all_ranks
 
     @torch.no_grad()
-    def _average_across_islands(self, reduced: torch.Tensor) -> None:
+    def average(self, grad: torch.Tensor) -> None:
         if self.all_ranks and self.islands > 1:
-            dist.all_reduce(reduced, group=self.across)
-            reduced.div_(self.islands)
+            dist.all_reduce(grad, group=self.across)
+            grad.div_(self.islands)
+
+
+class FSDPGradientSync(AcrossIslands):
+    """FSDP2's gradients, reduce-scattered inside the island, averaged across the islands in the warm-up by
+    FSDP2's all-reduce hook."""
+
+    def __init__(self, modules, topology: Topology):
+        super().__init__(topology)
+        for module in modules:
+            module.set_all_reduce_hook(self.average)
 
 
 def fsdp_modules(model) -> list:

@@ -189,7 +189,8 @@ class RoundEngine(GlobalModelAccess):
     @property
     def global_params(self) -> torch.Tensor:
         """The flat float32 global model the replicas start each round from (y for schedule-free): the part this
-        rank keeps (`hf_localsgd.core.shard`), all of it unless it is a rank of a DDP island."""
+        rank keeps (`hf_localsgd.core.shard`), all of it unless it is a rank of a DDP island (streaming
+        fragments: the whole model, refused inside DDP islands)."""
         return self.outer.global_params
 
     @property
@@ -317,7 +318,8 @@ class RoundEngine(GlobalModelAccess):
         if outcome.skipped:
             logger.warning("RoundEngine: the summed outer gradient of round %d (step %d) is not finite: outer step "
                            "skipped, every replica restarts from the global model (%d in a row; max_skipped_syncs=%d)",
-                           self._num_syncs, self._num_steps, self.outer.skipped_in_a_row, self.options.max_skipped_syncs)
+                           self._num_syncs, self._num_steps, self.outer.skipped_in_a_row,
+                           self.options.max_skipped_syncs)
 
     def finish(self) -> bool:
         """End of training: synchronize the last, partial round, apply what is in flight, and leave the global

@@ -198,13 +198,10 @@ class FlatParams:
     def empty(self, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.empty(self.numel, dtype=torch.float32, device=self.device if device is None else device)
 
-    def _bucket_span(self, flat: torch.Tensor, b: Bucket) -> torch.Tensor:
-        return flat[b.start : b.end]
-
     @torch.no_grad()
     def copy_from_model(self, flat: torch.Tensor) -> None:
         for b in self.buckets:
-            torch._foreach_copy_(b.views(self._bucket_span(flat, b)), b.tensors())
+            torch._foreach_copy_(b.views(flat[b.start : b.end]), b.tensors())
 
     def _writing(self) -> None:
         if self.before_write is not None:
@@ -218,7 +215,7 @@ class FlatParams:
     def copy_to_model(self, flat: torch.Tensor) -> None:
         self._writing()
         for b in self.buckets:
-            src = self._bucket_span(flat, b).to(self.values_device, non_blocking=True)
+            src = flat[b.start : b.end].to(self.values_device, non_blocking=True)
             torch._foreach_copy_(b.tensors(), b.views(src))
         self._written()
 
@@ -227,7 +224,7 @@ class FlatParams:
         """p <- p + weight (target - p) for every parameter, the target taken from ``flat`` in p's dtype."""
         self._writing()
         for b in self.buckets:
-            src = self._bucket_span(flat, b).to(self.values_device, non_blocking=True)
+            src = flat[b.start : b.end].to(self.values_device, non_blocking=True)
             tensors = b.tensors()
             targets = [v.to(t.dtype) for v, t in zip(b.views(src), tensors)]
             torch._foreach_lerp_(tensors, targets, weight)

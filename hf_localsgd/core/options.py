@@ -298,13 +298,17 @@ class LocalSGDOptions:
         if self.lr_scaling != "none" and self.pseudo_sync_prob > 0:
             fail("lr_scaling", "is not combined with PALSGD (pseudo_sync_prob > 0): both set the inner lr")
 
+    @property
+    def overlapped(self) -> bool:
+        """Whether outer-gradient sums stay in flight while inner steps run (outer_overlap, streaming fragments)."""
+        return self.outer_overlap != "none" or self.num_fragments > 1
+
     def _validate_overlap(self, fail, integer) -> None:
         integer("num_fragments", 1)
         integer("fragment_sync_delay", 0)
         if not 0 <= self.fragment_update_alpha <= 1:
             fail("fragment_update_alpha", f"must be in [0, 1], got {self.fragment_update_alpha}")
-        overlapped = self.outer_overlap != "none" or self.num_fragments > 1
-        if not overlapped:
+        if not self.overlapped:
             return
         which = f"outer_overlap={self.outer_overlap!r}" if self.outer_overlap != "none" else "num_fragments > 1"
         if self.num_fragments > 1:

@@ -138,10 +138,7 @@ class EagerSync(DelayedSync):
     def _finite(self, correction: torch.Tensor) -> bool:
         """Whether this replica's correction is finite, decided alike by the ranks of a DDP island, which hold
         its spans: a replica drops its whole eager part, not one rank's span of it."""
-        check = correction.sum().reshape(1)
-        if self.topology is not None:
-            check = self.topology.sum_within(check.to(self.flat.device))
-        return bool(torch.isfinite(check).all())
+        return bool(torch.isfinite(self.summed_in_island(correction.sum().reshape(1))).all())
 
     def _reset_eager(self) -> None:
         self.eager_params.zero_()

@@ -25,7 +25,7 @@ from concurrent.futures import Future
 import torch
 import torch.distributed as dist
 
-from .collectives import Pending, add_residual, all_gather_, check_open, destroy_groups, new_group_everywhere
+from .collectives import GroupReducer, Pending, add_residual, all_gather_, new_group_everywhere
 from .metrics import ring_bytes
 from .options import INT8_BLOCK_SIZE as BLOCK_SIZE
 
@@ -116,7 +116,7 @@ class _Done:
             raise RuntimeError("the int8 sum did not complete in time") from error
 
 
-class Int8AllReduce:
+class Int8AllReduce(GroupReducer):
     """Sums float32 buffers over ``group`` (the default group when ``None``) with int8 on the wire.
 
     The same interface as `hf_localsgd.core.collectives.AllReduce`, plus error feedback: given a ``residual``
@@ -137,24 +137,20 @@ class Int8AllReduce:
     def __init__(self, group: dist.ProcessGroup | None = None, block_size: int = BLOCK_SIZE, owns_group: bool = False):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size: must be an integer >= 1, got {block_size!r}")
-        self.group, self.block, self.closed = group, block_size, False
-        distributed = dist.is_initialized()
-        self.world_size = dist.get_world_size(group) if distributed else 1
-        self.rank = dist.get_rank(group) if distributed else 0
-        ranks = None if group is None else dist.get_process_group_ranks(group)
-        self._own_group = new_group_everywhere(ranks) if distributed else None
+        super().__init__(group, owns_group)
+        self.block = block_size
+        self._own_group = None
+        if dist.is_initialized():
+            self._own_group = new_group_everywhere(None if group is None else dist.get_process_group_ranks(group))
+            self._owned.append(self._own_group)
         self._thread = _Worker("int8-allreduce") if self.world_size > 1 else None
-        self._owned = [self._own_group] + ([group] if owns_group and group is not None else [])
 
     def close(self) -> None:
-        """End the pipeline's thread (after the sums submitted to it) and destroy the process groups this reducer
-        owns; every rank of them calls it. The reducer sums no more."""
+        """End the pipeline's thread (after the sums submitted to it), then `GroupReducer.close`."""
         if self._thread is not None:
             self._thread.stop()
-        destroy_groups(self._owned)
-        if self.group in self._owned:  # (a destroyed group's sockets close when its last reference goes)
-            self.group = None
-        self._thread, self._own_group, self._owned, self.closed = None, None, [], True
+        self._thread = self._own_group = None
+        super().close()
 
     # ------------------------------------------------------------------ the sum
     def sum_(self, buf: torch.Tensor, exact: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,7 +161,7 @@ class Int8AllReduce:
     def start(self, buf: torch.Tensor, exact: bool = False, residual: torch.Tensor | None = None) -> Pending:
         """`sum_` without waiting: the int8 pipeline runs on the reducer's thread until ``wait()``. Nothing else
         may use ``buf`` or ``residual`` until then (``buf`` is changed: it receives the residual)."""
-        check_open(self)
+        self._check_open()
         if exact and residual is not None:
             raise ValueError("residual: error feedback is for the quantized sum; an exact sum rounds nothing")
         if residual is not None and (residual.shape != buf.shape or residual.dtype != torch.float32):
@@ -221,10 +217,3 @@ class Int8AllReduce:
         """Bytes this rank sends to sum one buffer of ``numel`` elements in int8 (`int8_bytes_sent`, padding
         included) and ``exact_numel`` in float32 (a ring all-reduce)."""
         return int8_bytes_sent(numel, self.world_size, self.block) + ring_bytes(exact_numel * 4, self.world_size)
-
-    def broadcast_(self, tensor: torch.Tensor) -> None:
-        """Overwrite ``tensor`` with the group's first rank's, in place (in its own dtype)."""
-        check_open(self)
-        if self.world_size > 1:
-            src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
-            dist.broadcast(tensor, src=src, group=self.group)

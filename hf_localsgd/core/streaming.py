@@ -101,6 +101,7 @@ class StreamingSync:
         fragment.receive(inflight)
         waited = time.perf_counter() - started
         outcome = fragment.apply(inflight, measured, has_tail=False)
+        outcome.wait_seconds = waited
         if outcome.skipped:
             # Every replica restarts from the whole global model, as after a skipped blocking sync: a diverged
             # replica is not finite in this fragment only, and its other fragments would spread it back through
@@ -112,7 +113,7 @@ class StreamingSync:
         else:
             fragment.write_model()
         self.done.add(p)
-        self._round.merge(outcome, waited)
+        self._round.merge(outcome)
 
     @torch.no_grad()
     def __call__(self, tail: torch.Tensor | None = None, measure: bool = False) -> Outcome:

@@ -57,11 +57,11 @@ class Outcome:
     wait_seconds: float = 0.0  # how long the inner loop waited for sums in flight
     bytes_sent: float = 0.0  # by this rank, in the sums this sync started
 
-    def merge(self, other: Outcome, waited: float) -> None:
+    def merge(self, other: Outcome) -> None:
         """Add a fragment's sync to the round's (the statistics of disjoint fragments add up)."""
         self.applied |= other.applied
         self.skipped |= other.skipped
-        self.wait_seconds += waited
+        self.wait_seconds += other.wait_seconds
         if other.norms is not None:
             self.norms = other.norms if self.norms is None else self.norms + other.norms
 
@@ -177,9 +177,10 @@ class OuterSync:
              copy_to: torch.Tensor | None = None, one_at_a_time: bool = False) -> InFlight:
         """Start summing K·Δ = Σ_k (start point - x_k), and the tail: [Σ_k ‖Δ_k‖² when measuring, then
         ``tail``]; ``copy_to`` keeps this replica's own Δ_k; ``one_at_a_time`` waits for each bucket's sum
-        before the next is written (a blocking sync with its state on the host). The tail rides in the last bucket's collective when the wire is float32; under bfloat16 it is
-        summed on its own in float32, one more (small) collective: its floats are statistics whose differences
-        (σ², drift) would drown in bfloat16's 8 bits of mantissa."""
+        before the next is written (a blocking sync with its state on the host). The tail rides in the last
+        bucket's collective when the wire is float32; under bfloat16 it is summed on its own in float32, one more
+        (small) collective: its floats are statistics whose differences (σ², drift) would drown in bfloat16's 8
+        bits of mantissa."""
         flat, numel = self.flat, self.flat.numel
         tail_numel = int(measure) + (0 if tail is None else tail.numel())
         fused = self.reducer.exact
@@ -244,9 +245,8 @@ class OuterSync:
         k = self.reducer.world_size
         # One reduction tells a non-finite sum (NaN or inf anywhere makes it NaN or inf); measuring computes it
         # anyway. An island's ranks add their spans' shares, so they all decide alike, as all islands do.
-        check = torch.stack([tail_sum[0] / k, delta.dot(delta) / k**2]) if measure else delta.sum().reshape(1)
-        if self.topology is not None:
-            check = self.topology.sum_within(check.to(self.flat.device))
+        check = self.summed_in_island(
+            torch.stack([tail_sum[0] / k, delta.dot(delta) / k**2]) if measure else delta.sum().reshape(1))
         outcome = Outcome(tail=tail_sum[int(measure):] if has_tail else None, norms=check if measure else None)
         if not self.guard(check):
             outcome.skipped = True
@@ -254,6 +254,10 @@ class OuterSync:
         self.step_optimizer(self.optimizer, self.scheduler, self.global_params, delta, k)
         outcome.applied = True
         return outcome
+
+    def summed_in_island(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``, a statistic of this rank's span, summed over its island (whose ranks hold spans of one replica)."""
+        return t if self.topology is None else self.topology.sum_within(t.to(self.flat.device))
 
     @staticmethod
     def step_optimizer(optimizer, scheduler, params: torch.Tensor, grad: torch.Tensor, k: int) -> None:

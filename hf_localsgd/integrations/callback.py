@@ -158,7 +158,7 @@ class LocalSGDCallback(TrainerCallback):
             self._gradient_sync = ds.gradient_sync
         else:
             self._gradient_sync = None if wrapper is None else gradient_sync(wrapper, self.engine.topology)
-        if self._gradient_sync is not None and hasattr(self.trainer, "accelerator"):
+        if (self._gradient_sync is not None or ds is not None) and hasattr(self.trainer, "accelerator"):
             self._local_gathers = LocalGathers(self.trainer.accelerator, self._world_size)
         self._train_started = time.perf_counter()
         self._state_written_at = None  # (a second train() call writes its checkpoints' state again)

@@ -41,6 +41,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..core.data_parallel import AcrossIslands
 from ..core.flat import MasterWeights
 from ..core.topology import Topology
 
@@ -147,38 +148,23 @@ class IslandMPU:
 
 def group_of_rank_alone() -> dist.ProcessGroup:
     """A process group of this rank alone (made by this rank only)."""
-    rank = dist.get_rank()
-    try:
-        return dist.new_group([rank], use_local_synchronization=True)
-    except TypeError:  # torch < 2.1: every rank makes every group, in the same order
-        return [dist.new_group([r]) for r in range(dist.get_world_size())][rank]
+    return dist.new_group([dist.get_rank()], use_local_synchronization=True)
 
 
-class WarmupGradientSync:
+class WarmupGradientSync(AcrossIslands):
     """During the warm-up, each parameter's gradient is averaged across the islands as soon as it is accumulated
     (a hook registered before DeepSpeed's own, so it runs first); DeepSpeed's reduction inside the island then
     completes the mean over all ranks. ``set(False)`` after the warm-up: the hooks do nothing."""
 
     def __init__(self, params, topology: Topology):
-        self.across, self.islands = topology.across, topology.num_islands
-        self.all_ranks = True
-        self.handles = [p.register_post_accumulate_grad_hook(self._average) for p in params if p.requires_grad]
+        super().__init__(topology)
+        for p in params:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._accumulated)
 
-    def set(self, all_ranks: bool) -> None:
-        self.all_ranks = all_ranks
-
-    @torch.no_grad()
-    def _average(self, param) -> None:
-        if self.all_ranks and self.islands > 1 and param.grad is not None:
-            dist.all_reduce(param.grad, group=self.across)
-            param.grad.div_(self.islands)
-
-
-class InnerStepsStayInIsland:
-    """The switch after the warm-up: DeepSpeed reduces over the island only (its data-parallel group)."""
-
-    def set(self, all_ranks: bool) -> None:
-        pass
+    def _accumulated(self, param) -> None:
+        if param.grad is not None:
+            self.average(param.grad)
 
 
 # ---------------------------------------------------------------------- the trainer's DeepSpeed
@@ -203,8 +189,8 @@ class DeepSpeedIslands:
             island, ranks = self.alone, [rank]
         self.mpu = IslandMPU(island, ranks, self.topology.member, self.alone)
         params = [p for p in trainer.model.parameters()]
-        self.gradient_sync = (WarmupGradientSync(params, self.topology) if options.local_sgd_warmup_steps > 0
-                              else InnerStepsStayInIsland())
+        # (without a warm-up nothing to switch: DeepSpeed reduces over the island, its data-parallel group)
+        self.gradient_sync = WarmupGradientSync(params, self.topology) if options.local_sgd_warmup_steps > 0 else None
         self._wrap_prepare(trainer.accelerator)
 
     def _wrap_prepare(self, accelerator) -> None:

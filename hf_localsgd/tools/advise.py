@@ -11,9 +11,10 @@ same vocabulary), but reads no data: batches are random tokens of the recipe's p
 
 - t_step: one optimizer step without any communication (forward and backward of each gradient-accumulation
   micro-batch, gradient clipping, the Trainer's optimizer), the model not wrapped in DDP;
-- t_comm: one `all_reduce` of a flat buffer of as many `outer_comm_dtype` elements as the model has trainable
-  parameters, over the default process group: what `RoundEngine` sends once per round (for `int8`, one sum of
-  `Int8AllReduce`: quantization, all-to-all, float32 sums, all-gather; its bytes are the quantized buffer's).
+- t_comm: one sum of a flat float32 buffer of as many elements as the model has trainable parameters, over the
+  default process group, by the reducer `RoundEngine` builds for the options: what it sends once per round, in
+  `outer_comm_dtype` (`bfloat16`: the conversion included; `int8`: `Int8AllReduce`'s quantization,
+  all-to-all, float32 sums and all-gather). Its bytes are the buffer's in the wire dtype (for int8 with scales).
 
 Each is the median over `--timing_steps` repetitions (after `--timing_warmup` untimed ones) of the slowest
 rank's time, every repetition starting from a barrier. m = t_comm / t_step, and with K replicas and n steps
@@ -200,8 +201,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     from transformers import Trainer
 
-    from ..core.collectives import WIRE_DTYPES
-    from ..core.quantize import Int8AllReduce
+    from ..core.build import build_reducer
+    from ..core.topology import Topology
     from ..recipes.data import load_tokenizer
     from ..recipes.offline import HubUnavailableError
     from ..recipes.train import build_recipe_model, parse_args
@@ -233,13 +234,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     del model, optimizer, step  # the buffer below may be as large as the model
-    if training_args.outer_comm_dtype == "int8":
-        reducer, buffer = Int8AllReduce(None), torch.ones(numel, device=device)
-        comm, comm_bytes = (lambda: reducer.sum_(buffer)), reducer.wire_bytes(numel)
-    else:
-        buffer = torch.ones(numel, dtype=WIRE_DTYPES[training_args.outer_comm_dtype], device=device)
-        comm, comm_bytes = (lambda: dist.all_reduce(buffer)), numel * buffer.element_size()
-    comm_samples = time_repeated(comm, device, args.timing_steps, args.timing_warmup)
+    # The engine's own reducer, summing a float32 buffer (a narrower wire's conversions included).
+    reducer = build_reducer(training_args, Topology.build(1, device_type=device.type))
+    buffer = torch.ones(numel, device=device)
+    comm_samples = time_repeated(lambda: reducer.sum_(buffer), device, args.timing_steps, args.timing_warmup)
+    comm_bytes = reducer.wire_bytes(numel)
+    reducer.close()
 
     result = advice(statistics.median(step_samples), statistics.median(comm_samples), comm_bytes,
                     args.sync_every_values, args.max_overhead)
